@@ -1,0 +1,65 @@
+// Loads and stores of `scalar_t` data as vectors of its math type (float for
+// bf16/fp16/fp32, double for fp64), with zero-padded partial vectors for tails.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <type_traits>
+
+namespace fusedrect::cpu {
+
+template <typename scalar_t>
+using opmath_t = at::opmath_type<scalar_t>;
+
+template <typename scalar_t>
+using MathVec = at::vec::Vectorized<opmath_t<scalar_t>>;
+
+template <typename scalar_t>
+inline constexpr bool is_reduced_float_v = !std::is_same_v<scalar_t, opmath_t<scalar_t>>;
+
+// Loads `n` elements (n <= vector size); lanes past `n` are zero.
+template <typename scalar_t>
+inline MathVec<scalar_t> load(const scalar_t* p, int64_t n) {
+  using Vec = MathVec<scalar_t>;
+  if (n == Vec::size()) {
+    if constexpr (is_reduced_float_v<scalar_t>) {
+      Vec out;
+      at::vec::load_to_float<scalar_t>(p, out);
+      return out;
+    } else {
+      return Vec::loadu(p);
+    }
+  }
+  __at_align__ opmath_t<scalar_t> buf[Vec::size()] = {};
+  std::copy_n(p, n, buf);
+  return Vec::loadu(buf);
+}
+
+// Stores the first `n` lanes of `v` (n <= vector size), rounding to scalar_t.
+template <typename scalar_t>
+inline void store(scalar_t* p, const MathVec<scalar_t>& v, int64_t n) {
+  using Vec = MathVec<scalar_t>;
+  if constexpr (is_reduced_float_v<scalar_t>) {
+    if (n == Vec::size()) {
+      at::vec::convert_from_float<scalar_t>(v, v).store(p, Vec::size());
+      return;
+    }
+    __at_align__ opmath_t<scalar_t> buf[Vec::size()];
+    v.store(buf);
+    std::copy_n(buf, n, p);
+  } else {
+    v.store(p, n);
+  }
+}
+
+// Horizontal sum in a fixed lane order (deterministic).
+template <typename T>
+inline T reduce_add(const at::vec::Vectorized<T>& v) {
+  return at::vec::vec_reduce_all<T>(
+      [](at::vec::Vectorized<T>& a, at::vec::Vectorized<T>& b) { return a + b; }, v);
+}
+
+}  // namespace fusedrect::cpu

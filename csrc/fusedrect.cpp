@@ -1,0 +1,44 @@
+// The op schemas of fusedrect (the only place with m.def) and the Python module stub of fusedrect._C.
+// Implementations register per device: csrc/cpu/*.cpp (CPU), csrc/cuda/*.cu (CUDA). Fake (meta)
+// implementations and autograd are registered in Python, next to each op (fusedrect/ops/).
+//
+// Activation: a `slope` (shape (1,) or (C,)) makes the op BatchNorm + PReLU; no slope makes it
+// BatchNorm + ReLU. Statistics (mean, invstd) and per-channel gradients are fp64 for fp64 input and fp32
+// otherwise.
+#include <Python.h>
+#include <torch/library.h>
+
+#ifdef FUSEDRECT_WITH_CUDA
+int fusedrect_cuda_runtime_version();  // csrc/cuda/build_info.cu
+#endif
+
+TORCH_LIBRARY(fusedrect, m) {
+  // Training forward: batch statistics, then y = act(BN(x)). Returns (y, mean, invstd).
+  m.def("bn_act_fwd_train(Tensor input, Tensor? weight, Tensor? bias, Tensor? slope, float eps)"
+        " -> (Tensor, Tensor, Tensor)");
+  // Forward with given statistics (eval mode): y = act((x - mean) * invstd * weight + bias).
+  m.def("bn_act_fwd_eval(Tensor input, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias,"
+        " Tensor? slope) -> Tensor");
+  // Backward of either forward; batch_stats=True when mean and invstd were computed from `input`.
+  // Returns (grad_input, grad_weight, grad_bias, grad_slope): the per-channel gradients in the statistics
+  // dtype, grad_slope per channel (shape (C,); (0,) for ReLU).
+  m.def("bn_act_bwd(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight,"
+        " Tensor? bias, Tensor? slope, bool batch_stats) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+#define FUSEDRECT_STR_(x) #x
+#define FUSEDRECT_STR(x) FUSEDRECT_STR_(x)
+
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "fusedrect's compiled ops.", -1, nullptr};
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+  // What this build holds: the at::vec instruction set of the CPU kernels, the CUDA runtime (0: none).
+  PyModule_AddStringConstant(module, "cpu_capability", FUSEDRECT_STR(CPU_CAPABILITY));
+#ifdef FUSEDRECT_WITH_CUDA
+  PyModule_AddIntConstant(module, "cuda_runtime_version", fusedrect_cuda_runtime_version());
+#else
+  PyModule_AddIntConstant(module, "cuda_runtime_version", 0);
+#endif
+  return module;
+}
