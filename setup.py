@@ -36,7 +36,9 @@ def cpu_capability():
 def with_cuda():
     if os.environ.get("FUSEDRECT_FORCE_CPU", "0") == "1":
         return False
-    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    home = cpp_extension.CUDA_HOME  # $CUDA_HOME, else guessed from nvcc's location
+    toolkit = home is not None and os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h"))
+    return torch.version.cuda is not None and toolkit
 
 
 def extension():

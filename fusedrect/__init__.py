@@ -1,0 +1,22 @@
+"""fusedrect: fused BatchNorm + ReLU/PReLU layers for PyTorch.
+
+    from fusedrect import FusedBNPReLU
+    layer = FusedBNPReLU(64)          # replaces nn.Sequential(nn.BatchNorm2d(64), nn.PReLU(64))
+"""
+from fusedrect import functional, reference
+from fusedrect.functional import bn_prelu, bn_relu
+from fusedrect.modules import FusedBNPReLU, FusedBNReLU
+from fusedrect.ops._backend import BACKENDS, build_info
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "FusedBNPReLU",
+    "FusedBNReLU",
+    "bn_prelu",
+    "bn_relu",
+    "build_info",
+    "functional",
+    "reference",
+]

@@ -1,0 +1,104 @@
+"""Functional API: BatchNorm followed by PReLU or ReLU in one fused op.
+
+Arguments follow ``torch.nn.functional.batch_norm``: in training, batch statistics normalise the input and,
+where given, ``running_mean``/``running_var`` are updated in place with ``momentum`` (unbiased variance);
+otherwise the running statistics normalise it. Every argument is validated here, before any kernel runs.
+"""
+import math
+import numbers
+
+import torch
+
+from fusedrect.ops import _backend, bn_act
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def bn_prelu(
+    input, running_mean, running_var, weight=None, bias=None, slope=None, training=False, momentum=0.1, eps=1e-5,
+    *, backend=None,
+):
+    """BatchNorm over dim 1 followed by PReLU with ``slope`` of shape ``(1,)`` (shared) or ``(C,)``.
+
+    ``backend``: ``"auto"``, ``"cpp"`` or ``"reference"`` (default: ``$FUSEDRECT_BACKEND``, else auto).
+    """
+    if slope is None:
+        raise TypeError("slope: bn_prelu needs a tensor of shape (1,) or (C,); use bn_relu for ReLU")
+    return _bn_act(input, running_mean, running_var, weight, bias, slope, training, momentum, eps, backend)
+
+
+def bn_relu(
+    input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5,
+    *, backend=None,
+):
+    """BatchNorm over dim 1 followed by ReLU. ``backend`` as in :func:`bn_prelu`."""
+    return _bn_act(input, running_mean, running_var, weight, bias, None, training, momentum, eps, backend)
+
+
+def _bn_act(input, running_mean, running_var, weight, bias, slope, training, momentum, eps, backend):
+    _validate(input, running_mean, running_var, weight, bias, slope, training, momentum, eps)
+    backend = _backend.resolve(backend, input.device)
+    if training:
+        y, mean, invstd = bn_act.bn_act_train(input, weight, bias, slope, eps, backend)
+        _update_running_stats(input, running_mean, running_var, mean, invstd, momentum, eps)
+        return y
+    if running_mean is None or running_var is None:
+        raise ValueError("running_mean and running_var are required when training=False")
+    dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    mean = running_mean.to(dtype)
+    invstd = torch.rsqrt(running_var.to(dtype) + eps)
+    return bn_act.bn_act_eval(input, mean, invstd, weight, bias, slope, backend)
+
+
+def _update_running_stats(input, running_mean, running_var, mean, invstd, momentum, eps):
+    """running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance M/(M-1) var.
+    An empty batch leaves them as they are (as nn.BatchNorm does)."""
+    count = input.numel() // input.shape[1] if input.shape[1] else 0
+    if count == 0:
+        return
+    with torch.no_grad():
+        if running_mean is not None:
+            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        if running_var is not None:
+            var = (invstd.double().pow(-2) - eps).clamp_min(0) * (count / (count - 1))
+            running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum)
+
+
+def _validate(input, running_mean, running_var, weight, bias, slope, training, momentum, eps):
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input: expected a torch.Tensor, got {type(input).__name__}")
+    if input.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"input: expected a float16, bfloat16, float32 or float64 tensor, got {input.dtype}")
+    if input.dim() < 2:
+        raise ValueError(f"input: expected at least 2 dims (N, C, ...), got shape {tuple(input.shape)}")
+    channels = input.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        _check_per_channel(name, t, input, (channels,))
+    if slope is not None:
+        _check_per_channel("slope", slope, input, (1,), (channels,))
+    if not isinstance(eps, numbers.Real) or not eps >= 0:
+        raise ValueError(f"eps: expected a non-negative number, got {eps!r}")
+    if not isinstance(momentum, numbers.Real) or not math.isfinite(momentum):
+        raise ValueError(f"momentum: expected a finite number, got {momentum!r}")
+    if training:
+        values = input.numel() // channels if channels else 0
+        if values == 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {input.size()}"
+            )
+
+
+def _check_per_channel(name, t, input, *shapes):
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+    if tuple(t.shape) not in shapes:
+        expected = " or ".join(str(s) for s in shapes)
+        raise ValueError(
+            f"{name}: expected shape {expected} for input with {input.shape[1]} channels, got {tuple(t.shape)}"
+        )
+    if t.device != input.device:
+        raise ValueError(f"{name}: expected a tensor on {input.device} (the input's device), got {t.device}")

@@ -1,0 +1,217 @@
+"""Drop-in modules: ``FusedBNPReLU`` for ``BatchNorm + PReLU`` and ``FusedBNReLU`` for ``BatchNorm + ReLU``.
+
+Parameters, buffers, state_dict keys and training semantics are those of ``nn.BatchNorm{1,2,3}d`` (inputs of
+shape (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W)), plus ``slope`` for PReLU. The modules hold state
+and update running statistics; the math runs in ``fusedrect.functional``.
+"""
+import torch
+from torch import nn
+
+from fusedrect import functional
+
+
+class _FusedBNAct(nn.Module):
+    """BatchNorm state and forward logic shared by the fused modules (mirrors ``nn.modules.batchnorm._NormBase``)."""
+
+    _version = 2  # the state_dict version of nn.BatchNorm (num_batches_tracked)
+
+    def __init__(self, num_features, eps, momentum, affine, track_running_stats, device, dtype, backend):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.backend = backend
+        self.batchnorm_cls = nn.BatchNorm2d  # what to_modules() builds; from_modules() records its source
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer(
+                "num_batches_tracked",
+                torch.tensor(0, dtype=torch.long, **{k: v for k, v in factory.items() if k != "dtype"}),
+            )
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self._reset_bn_parameters()
+
+    def reset_running_stats(self):
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def _reset_bn_parameters(self):
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def _apply_fused(self, input, fn, *extra):
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"input: expected a torch.Tensor, got {type(input).__name__}")
+        if input.dim() < 2 or input.shape[1] != self.num_features:
+            raise ValueError(
+                f"input: expected shape (N, {self.num_features}, ...) for {type(self).__name__}"
+                f"({self.num_features}), got {tuple(input.shape)}"
+            )
+        # As nn.BatchNorm: momentum=None is a cumulative moving average over the batches tracked.
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        keep_running = not self.training or self.track_running_stats
+        return fn(
+            input,
+            self.running_mean if keep_running else None,
+            self.running_var if keep_running else None,
+            self.weight,
+            self.bias,
+            *extra,
+            training=use_batch_stats,
+            momentum=factor,
+            eps=self.eps,
+            backend=self.backend,
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Checkpoints from before num_batches_tracked existed (as nn.BatchNorm accepts them).
+        version = local_metadata.get("version")
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            state_dict[key] = torch.tensor(0, dtype=torch.long, device=self.num_batches_tracked.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _bn_config(self):
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}"
+        )
+
+    def _to_batchnorm(self, batchnorm_cls):
+        bn = batchnorm_cls(self.num_features, self.eps, self.momentum, self.affine, self.track_running_stats,
+                           **self._factory())
+        bn.load_state_dict({k: v for k, v in self.state_dict().items() if k != "slope"})
+        return bn.train(self.training)
+
+    def _factory(self):
+        tensor = next(iter(self.parameters()), None)
+        if tensor is None:
+            tensor = next(iter(self.buffers()), None)
+        if tensor is None:
+            return {}
+        return {"device": tensor.device, "dtype": tensor.dtype if tensor.is_floating_point() else None}
+
+    @staticmethod
+    def _bn_kwargs(bn):
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            raise TypeError(f"bn: expected an nn.BatchNorm1d/2d/3d module, got {type(bn).__name__}")
+        source = next(iter(bn.parameters()), None)
+        if source is None:
+            source = bn.running_mean
+        factory = {} if source is None else {"device": source.device, "dtype": source.dtype}
+        return {
+            "num_features": bn.num_features, "eps": bn.eps, "momentum": bn.momentum, "affine": bn.affine,
+            "track_running_stats": bn.track_running_stats, **factory,
+        }
+
+    def _load_bn(self, bn):
+        state = self.state_dict()
+        state.update(bn.state_dict())
+        self.load_state_dict(state)
+        self.train(bn.training)
+        self.batchnorm_cls = type(bn)
+        return self
+
+
+class FusedBNPReLU(_FusedBNAct):
+    """``nn.BatchNorm{1,2,3}d(num_features)`` followed by ``nn.PReLU(num_parameters)``, fused.
+
+    ``num_parameters=None`` learns one slope per channel; ``1`` shares one slope across channels (He et al. 2015).
+    ``slope`` is initialised to ``init``. ``backend`` (keyword-only) pins a backend, see fusedrect.functional.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 num_parameters=None, init=0.25, device=None, dtype=None, *, backend=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, backend)
+        self.num_parameters = num_features if num_parameters is None else num_parameters
+        if self.num_parameters not in (1, num_features):
+            raise ValueError(f"num_parameters: expected None, 1 or {num_features}, got {num_parameters}")
+        self.init = init
+        self.slope = nn.Parameter(torch.full((self.num_parameters,), float(init), device=device, dtype=dtype))
+
+    def reset_parameters(self):
+        self._reset_bn_parameters()
+        nn.init.constant_(self.slope, self.init)
+
+    def forward(self, input):
+        return self._apply_fused(input, functional.bn_prelu, self.slope)
+
+    def extra_repr(self):
+        return f"{self._bn_config()}, num_parameters={self.num_parameters}"
+
+    @classmethod
+    def from_modules(cls, bn, act):
+        """The fused equivalent of ``bn`` followed by the ``nn.PReLU`` ``act`` (parameters copied)."""
+        if not isinstance(act, nn.PReLU):
+            raise TypeError(f"act: expected an nn.PReLU module, got {type(act).__name__}")
+        kwargs = cls._bn_kwargs(bn)
+        if act.num_parameters not in (1, bn.num_features):
+            raise ValueError(f"act: expected num_parameters 1 or {bn.num_features}, got {act.num_parameters}")
+        fused = cls(**kwargs, num_parameters=act.num_parameters, init=act.init)
+        fused._load_bn(bn)
+        with torch.no_grad():
+            fused.slope.copy_(act.weight)
+        return fused
+
+    def to_modules(self, batchnorm_cls=None):
+        """``nn.Sequential(BatchNorm, nn.PReLU)`` computing the same function (for export and deployment).
+
+        ``batchnorm_cls`` defaults to the class given to ``from_modules``, else ``nn.BatchNorm2d``.
+        """
+        bn = self._to_batchnorm(batchnorm_cls or self.batchnorm_cls)
+        act = nn.PReLU(self.num_parameters, self.init, **self._factory())
+        with torch.no_grad():
+            act.weight.copy_(self.slope)
+        return nn.Sequential(bn, act.train(self.training))
+
+
+class FusedBNReLU(_FusedBNAct):
+    """``nn.BatchNorm{1,2,3}d(num_features)`` followed by ``nn.ReLU()``, fused."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 device=None, dtype=None, *, backend=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, backend)
+
+    def reset_parameters(self):
+        self._reset_bn_parameters()
+
+    def forward(self, input):
+        return self._apply_fused(input, functional.bn_relu)
+
+    def extra_repr(self):
+        return self._bn_config()
+
+    @classmethod
+    def from_modules(cls, bn, act):
+        """The fused equivalent of ``bn`` followed by the ``nn.ReLU`` ``act`` (parameters copied)."""
+        if not isinstance(act, nn.ReLU):
+            raise TypeError(f"act: expected an nn.ReLU module, got {type(act).__name__}")
+        return cls(**cls._bn_kwargs(bn))._load_bn(bn)
+
+    def to_modules(self, batchnorm_cls=None):
+        """``nn.Sequential(BatchNorm, nn.ReLU)`` computing the same function (for export and deployment)."""
+        return nn.Sequential(self._to_batchnorm(batchnorm_cls or self.batchnorm_cls), nn.ReLU())
