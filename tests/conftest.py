@@ -1,0 +1,66 @@
+"""Shared test helpers: seeded RNG, inputs in each memory layout, the PyTorch modules we replace."""
+import pytest
+import torch
+from torch import nn
+
+import fusedrect
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+# Input ranks and the batch-norm class that handles each in PyTorch.
+SHAPES = {
+    2: (6, 5),
+    3: (3, 5, 7),
+    4: (2, 5, 3, 4),
+    5: (2, 5, 2, 3, 2),
+}
+BATCHNORM = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+LAYOUTS = ("nchw", "channels_last")
+ACTIVATIONS = ("relu", "prelu", "prelu_shared")
+
+
+def make_input(shape, layout="nchw", dtype=torch.float32, scale=1.0, shift=0.0):
+    """Random input of `shape` whose memory is either (N, C, S) contiguous or a (N*S, C) matrix."""
+    if layout == "nchw":
+        x = torch.randn(shape, dtype=torch.float64)
+    else:
+        x = torch.randn((shape[0], *shape[2:], shape[1]), dtype=torch.float64).movedim(-1, 1)
+    return (x * scale + shift).to(dtype)
+
+
+def make_params(channels, activation, dtype=torch.float64, affine=True):
+    """(weight, bias, slope) away from the defaults so every term of the math is exercised."""
+    weight = torch.rand(channels, dtype=dtype) + 0.5 if affine else None
+    bias = torch.randn(channels, dtype=dtype) if affine else None
+    slope = {"relu": None, "prelu": torch.rand(channels, dtype=dtype), "prelu_shared": torch.rand(1, dtype=dtype)}
+    return weight, bias, slope[activation]
+
+
+def fused_call(x, running_mean, running_var, weight, bias, slope, training, backend, momentum=0.1, eps=1e-5):
+    if slope is None:
+        return fusedrect.bn_relu(x, running_mean, running_var, weight, bias, training, momentum, eps, backend=backend)
+    return fusedrect.bn_prelu(
+        x, running_mean, running_var, weight, bias, slope, training, momentum, eps, backend=backend
+    )
+
+
+def torch_modules(channels, rank, activation, **bn_kwargs):
+    """The unfused PyTorch pair that the fused modules replace."""
+    bn = BATCHNORM[rank](channels, **bn_kwargs)
+    factory = {k: v for k, v in bn_kwargs.items() if k in ("device", "dtype")}
+    act = {
+        "relu": lambda: nn.ReLU(),
+        "prelu": lambda: nn.PReLU(channels, **factory),
+        "prelu_shared": lambda: nn.PReLU(1, **factory),
+    }[activation]()
+    return bn, act
+
+
+def fused_module(channels, activation, **kwargs):
+    if activation == "relu":
+        return fusedrect.FusedBNReLU(channels, **kwargs)
+    return fusedrect.FusedBNPReLU(channels, num_parameters=1 if activation == "prelu_shared" else None, **kwargs)

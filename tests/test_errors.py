@@ -1,0 +1,89 @@
+"""Bad input raises a clear ValueError/TypeError naming the argument, before any kernel runs."""
+import pytest
+import torch
+
+import fusedrect
+
+
+def call(x=None, running_mean=None, running_var=None, weight=None, bias=None, slope=None, training=True, **kw):
+    x = torch.randn(4, 3, 5, 5) if x is None else x
+    slope = torch.full((3,), 0.25) if slope is None else slope
+    return fusedrect.bn_prelu(x, running_mean, running_var, weight, bias, slope, training, **kw)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"x": torch.randn(5)}, ValueError, r"input: expected at least 2 dims .* got shape \(5,\)"),
+        ({"x": torch.randint(0, 5, (4, 3, 2, 2))}, TypeError, "input: expected a float16, bfloat16, float32"),
+        ({"x": [[1.0, 2.0]]}, TypeError, "input: expected a torch.Tensor, got list"),
+        ({"x": torch.randn(1, 3, 1, 1)}, ValueError, "Expected more than 1 value per channel when training"),
+        ({"x": torch.randn(1, 3)}, ValueError, "Expected more than 1 value per channel when training"),
+        ({"weight": torch.ones(4)}, ValueError, r"weight: expected shape \(3,\) .* got \(4,\)"),
+        ({"bias": torch.ones(3, 1)}, ValueError, r"bias: expected shape \(3,\) .* got \(3, 1\)"),
+        ({"running_mean": torch.zeros(2)}, ValueError, r"running_mean: expected shape \(3,\)"),
+        ({"running_var": torch.ones(3, dtype=torch.long)}, TypeError, "running_var: expected a floating-point"),
+        ({"weight": torch.ones(3, device="meta")}, ValueError, "weight: expected a tensor on cpu"),
+        ({"slope": torch.ones(2)}, ValueError, r"slope: expected shape \(1,\) or \(3,\) .* got \(2,\)"),
+        ({"slope": torch.ones(1, 3)}, ValueError, r"slope: expected shape \(1,\) or \(3,\)"),
+        ({"weight": "ones"}, TypeError, "weight: expected a torch.Tensor or None, got str"),
+        ({"training": False}, ValueError, "running_mean and running_var are required when training=False"),
+        ({"eps": -1.0}, ValueError, "eps: expected a non-negative number"),
+        ({"momentum": float("nan")}, ValueError, "momentum: expected a finite number"),
+        ({"backend": "cuda-ish"}, ValueError, r"backend: expected one of \('auto', 'cpp', 'reference'\)"),
+    ],
+)
+def test_functional_rejects(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        call(**kwargs)
+
+
+def test_bn_prelu_requires_a_slope():
+    with pytest.raises(TypeError, match="slope: bn_prelu needs a tensor"):
+        fusedrect.bn_prelu(torch.randn(4, 3), None, None, training=True)
+
+
+def test_environment_backend_is_validated(monkeypatch):
+    monkeypatch.setenv("FUSEDRECT_BACKEND", "fast")
+    with pytest.raises(ValueError, match="FUSEDRECT_BACKEND: expected one of"):
+        call()
+
+
+def test_unavailable_explicit_backend_raises():
+    with pytest.raises(RuntimeError, match="backend 'cpp' cannot run: it runs on CPU tensors only"):
+        call(x=torch.randn(4, 3, device="meta"), slope=torch.ones(3, device="meta"), backend="cpp")
+
+
+@pytest.mark.parametrize("module", [fusedrect.FusedBNPReLU(3), fusedrect.FusedBNReLU(3, affine=False,
+                                                                                  track_running_stats=False)])
+def test_module_checks_channels(module):
+    with pytest.raises(ValueError, match=r"input: expected shape \(N, 3, \.\.\.\) .* got \(2, 4, 5\)"):
+        module(torch.randn(2, 4, 5))
+    with pytest.raises(ValueError, match=r"got \(3,\)"):
+        module(torch.randn(3))
+
+
+def test_module_rejects_bad_num_parameters():
+    with pytest.raises(ValueError, match="num_parameters: expected None, 1 or 8, got 4"):
+        fusedrect.FusedBNPReLU(8, num_parameters=4)
+
+
+def test_from_modules_rejects_wrong_types():
+    with pytest.raises(TypeError, match="act: expected an nn.PReLU module, got ReLU"):
+        fusedrect.FusedBNPReLU.from_modules(torch.nn.BatchNorm2d(3), torch.nn.ReLU())
+    with pytest.raises(TypeError, match="bn: expected an nn.BatchNorm1d/2d/3d module, got LayerNorm"):
+        fusedrect.FusedBNReLU.from_modules(torch.nn.LayerNorm(3), torch.nn.ReLU())
+    with pytest.raises(ValueError, match="act: expected num_parameters 1 or 3, got 2"):
+        fusedrect.FusedBNPReLU.from_modules(torch.nn.BatchNorm2d(3), torch.nn.PReLU(2))
+
+
+def test_ops_reject_unsupported_strides():
+    x = torch.randn(4, 3, 6, 6)[:, :, ::2]
+    with pytest.raises(RuntimeError, match="input: expected a contiguous or channels-last tensor"):
+        torch.ops.fusedrect.bn_act_fwd_train(x, None, None, None, 1e-5)
+
+
+def test_functional_accepts_any_strides():
+    x = torch.randn(4, 3, 6, 6)[:, :, ::2]
+    y = fusedrect.bn_relu(x, None, None, training=True)
+    torch.testing.assert_close(y, fusedrect.bn_relu(x.contiguous(), None, None, training=True))

@@ -1,0 +1,174 @@
+"""The fused modules as drop-in replacements of nn.BatchNorm{1,2,3}d + nn.PReLU/nn.ReLU: outputs, gradients,
+parameters and running statistics over optimiser steps, every BatchNorm option, eval, empty batches,
+conversion to and from the PyTorch modules."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fusedrect
+from conftest import ACTIVATIONS, BATCHNORM, LAYOUTS, SHAPES, fused_module, make_input, torch_modules
+
+BN_OPTIONS = [
+    {},
+    {"momentum": None},
+    {"momentum": 0.3, "eps": 1e-3},
+    {"affine": False},
+    {"track_running_stats": False},
+    {"affine": False, "track_running_stats": False},
+]
+
+
+def train_steps(model, inputs, grads, lr=0.1):
+    """Three SGD steps; returns the outputs and input gradients of every step."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9) if list(model.parameters()) else None
+    results = []
+    for x, g in zip(inputs, grads):
+        x = x.detach().clone().requires_grad_()
+        y = model(x)
+        y.backward(g)
+        results.append((y.detach(), x.grad))
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad()
+    return results
+
+
+def assert_same_state(fused, pair, atol, rtol):
+    bn, act = pair
+    expected = dict(bn.state_dict())
+    if isinstance(act, nn.PReLU):
+        expected["slope"] = act.weight.detach()
+    got = fused.state_dict()
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, atol=atol, rtol=rtol, msg=key)
+
+
+@pytest.mark.parametrize("options", BN_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("rank", sorted(SHAPES))
+def test_three_training_steps_then_eval(rank, layout, activation, options):
+    shape = SHAPES[rank]
+    pair = torch_modules(shape[1], rank, activation, **options)
+    fused = fused_module(shape[1], activation, **options)
+    fused.load_state_dict(fused.state_dict() | {k: v for k, v in pair[0].state_dict().items()})
+    reference = nn.Sequential(*pair)
+    inputs = [make_input(shape, layout, scale=2.0, shift=float(i)) for i in range(3)]
+    grads = [torch.randn(shape) for _ in range(3)]
+
+    for got, want in zip(train_steps(fused, inputs, grads), train_steps(reference, inputs, grads)):
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert_same_state(fused, pair, atol=1e-5, rtol=1e-4)
+
+    fused.eval()
+    reference.eval()
+    for got, want in zip(train_steps(fused, inputs, grads), train_steps(reference, inputs, grads)):
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_bfloat16_module_step(layout, activation):
+    """bf16 parameters and input, one step: within twice PyTorch's own bf16 error of the fp64 result."""
+    shape = (4, 6, 5, 5)
+    x = make_input(shape, layout, scale=2.0, shift=1.0)
+    g = torch.randn(shape)
+    exact = nn.Sequential(*torch_modules(6, 4, activation, dtype=torch.float64))
+    theirs = copy.deepcopy(exact).to(torch.bfloat16)
+    ours = fused_module(6, activation, dtype=torch.bfloat16)
+    results = {}
+    for name, model, dtype in (("exact", exact, torch.float64), ("theirs", theirs, torch.bfloat16),
+                               ("ours", ours, torch.bfloat16)):
+        xi = x.to(dtype).requires_grad_()
+        y = model(xi)
+        y.backward(g.to(dtype))
+        params = [p.grad.double() for p in model.parameters()]
+        buffers = [b.double() for b in model.buffers() if b.is_floating_point()]
+        results[name] = [y.double(), xi.grad.double(), *params, *buffers]
+    for got, theirs_, want in zip(results["ours"], results["theirs"], results["exact"]):
+        err = (got - want).abs().max().item()
+        assert err <= 2 * (theirs_ - want).abs().max().item() + 1e-2 * max(1.0, want.abs().max().item())
+
+
+def test_mixed_precision_input_with_fp32_parameters():
+    """bf16 activations with fp32 parameters and statistics (as autocast leaves nn.BatchNorm2d)."""
+    layer = fusedrect.FusedBNPReLU(4)
+    x = torch.randn(3, 4, 5, 5, dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16
+    assert layer.weight.grad.dtype == layer.slope.grad.dtype == layer.running_mean.dtype == torch.float32
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_empty_batch_behaves_as_pytorch(activation):
+    pair = torch_modules(3, 4, activation)
+    fused = fused_module(3, activation)
+    for model in (fused, nn.Sequential(*pair)):
+        x = torch.randn(0, 3, 4, 4, requires_grad=True)
+        y = model(x)
+        y.sum().backward()
+        assert y.shape == x.shape and x.grad.shape == x.shape
+    assert_same_state(fused, pair, atol=0, rtol=0)
+    assert int(fused.num_batches_tracked) == 1
+    assert fused.weight.grad is not None and not fused.weight.grad.any()
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("rank", sorted(SHAPES))
+def test_from_modules_to_modules_round_trip(rank, activation):
+    bn, act = torch_modules(5, rank, activation, momentum=0.2, eps=1e-4)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+        bn.num_batches_tracked.fill_(7)
+        if isinstance(act, nn.PReLU):
+            act.weight.uniform_(0, 0.5)
+    bn.eval()
+    cls = fusedrect.FusedBNReLU if activation == "relu" else fusedrect.FusedBNPReLU
+    fused = cls.from_modules(bn, act)
+    assert not fused.training and fused.eps == 1e-4 and fused.momentum == 0.2
+    assert_same_state(fused, (bn, act), atol=0, rtol=0)
+
+    restored = fused_module(5, activation)
+    restored.load_state_dict(fused.state_dict())
+    plain = restored.to_modules(BATCHNORM[rank])
+    assert isinstance(plain[0], BATCHNORM[rank]) and type(plain[1]) is type(act)
+    assert_same_state(fused, (plain[0], plain[1]), atol=0, rtol=0)
+
+    x = torch.randn(SHAPES[rank])
+    torch.testing.assert_close(fused(x), act(bn(x)))
+    torch.testing.assert_close(fused.to_modules().eval()(x), act(bn(x)))
+
+
+def test_to_modules_defaults_to_the_source_batchnorm_class():
+    fused = fusedrect.FusedBNReLU.from_modules(nn.BatchNorm3d(4), nn.ReLU())
+    assert isinstance(fused.to_modules()[0], nn.BatchNorm3d)
+    assert isinstance(fusedrect.FusedBNReLU(4).to_modules()[0], nn.BatchNorm2d)
+
+
+def test_module_attributes_match_batchnorm():
+    layer = fusedrect.FusedBNPReLU(8, dtype=torch.float64)
+    bn = nn.BatchNorm2d(8, dtype=torch.float64)
+    assert {n for n, _ in layer.named_parameters()} == {n for n, _ in bn.named_parameters()} | {"slope"}
+    assert {n for n, _ in layer.named_buffers()} == {n for n, _ in bn.named_buffers()}
+    assert layer.slope.shape == (8,) and torch.all(layer.slope == 0.25) and layer.weight.dtype == torch.float64
+    assert fusedrect.FusedBNPReLU(8, num_parameters=1, init=0.1).slope.shape == (1,)
+    assert repr(layer).startswith("FusedBNPReLU(8, eps=1e-05, momentum=0.1, affine=True")
+
+
+def test_state_dict_without_num_batches_tracked_loads():
+    """Old checkpoints (state_dict version 1) load as into nn.BatchNorm2d."""
+    layer = fusedrect.FusedBNReLU(3)
+    state = layer.state_dict()
+    del state["num_batches_tracked"]
+    state._metadata[""]["version"] = 1
+    layer.load_state_dict(state)
+    assert int(layer.num_batches_tracked) == 0

@@ -1,0 +1,37 @@
+"""torch.library.opcheck on every fusedrect op over a list of sample inputs: schema, fake (meta)
+implementation, autograd registration and AOT dispatch."""
+import pytest
+import torch
+
+from conftest import make_input, make_params
+from fusedrect import reference
+
+
+def samples():
+    for shape, layout in (((3, 4, 5, 5), "nchw"), ((3, 4, 5, 5), "channels_last"), ((6, 3), "nchw"),
+                          ((2, 1, 7), "nchw"), ((2, 3, 2, 2, 2), "channels_last")):
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            for activation in ("relu", "prelu", "prelu_shared"):
+                for affine in (True, False):
+                    x = make_input(shape, layout, dtype)
+                    params = [p.to(x.dtype) if p is not None else None
+                              for p in make_params(shape[1], activation, affine=affine)]
+                    yield pytest.param(x, params, id=f"{shape}-{layout}-{dtype}-{activation}-{affine}")
+
+
+@pytest.mark.parametrize("x, params", list(samples()))
+def test_opcheck(x, params):
+    requires_grad = x.dtype != torch.bfloat16
+    x = x.requires_grad_(requires_grad)
+    params = [p.requires_grad_(requires_grad) if p is not None else None for p in params]
+    torch.library.opcheck(torch.ops.fusedrect.bn_act_fwd_train.default, (x, *params, 1e-5))
+
+    mean, invstd = reference.batch_stats(x.detach(), 1e-5)
+    torch.library.opcheck(torch.ops.fusedrect.bn_act_fwd_eval.default, (x, mean, invstd, *params))
+
+    grad_out = torch.randn_like(x)
+    detached = [p.detach() if p is not None else None for p in params]
+    for batch_stats in (True, False):
+        torch.library.opcheck(
+            torch.ops.fusedrect.bn_act_bwd.default, (grad_out, x.detach(), mean, invstd, *detached, batch_stats)
+        )

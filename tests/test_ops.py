@@ -1,0 +1,114 @@
+"""The compiled ops against the float64 reference: forward, eval forward and backward, on awkward shapes
+(C = 1, 3, 33, 1000; 1x1 spatial; several tiles per channel), both layouts, fp32 and fp64, and low precision
+judged by err(ours) <= 2 * err(PyTorch's own low-precision result) + atol."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ACTIVATIONS, LAYOUTS, make_input, make_params
+from fusedrect import reference
+
+AWKWARD_SHAPES = [
+    (4, 1, 5, 5),
+    (3, 3, 7, 7),
+    (2, 33, 9, 9),
+    (2, 1000, 2, 2),
+    (17, 33, 1, 1),
+    (64, 3),
+    (2, 3, 96, 96),  # several NCHW tiles per channel
+    (8, 5, 40, 40),  # several channels-last row tiles
+    (1, 300, 8, 8),  # several channels-last channel blocks
+]
+TOLERANCE = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-4)}
+
+
+def run_fused(x, weight, bias, slope, grad_out, training):
+    """Forward and backward through the compiled ops: (y, dx, dweight, dbias, dslope)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias, slope)]
+    xg, wg, bg, sg = leaves
+    if training:
+        y, _, _ = torch.ops.fusedrect.bn_act_fwd_train(xg, wg, bg, sg, 1e-5)
+    else:
+        mean, invstd = reference.batch_stats(x.detach().double() * 0.5 + 0.3, 1e-5)
+        y = torch.ops.fusedrect.bn_act_fwd_eval(xg, mean.to(reference.stats_dtype(x)),
+                                                invstd.to(reference.stats_dtype(x)), wg, bg, sg)
+    y.backward(grad_out)
+    return (y, *(t.grad for t in leaves))
+
+
+def run_reference(x, weight, bias, slope, grad_out, training):
+    """The same in float64 through the reference."""
+    leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias, slope)]
+    xg, wg, bg, sg = leaves
+    if training:
+        y, _, _ = reference.bn_act_train(xg, wg, bg, sg, 1e-5)
+    else:
+        mean, invstd = reference.batch_stats(x.detach().double() * 0.5 + 0.3, 1e-5)
+        y = reference.bn_act_eval(xg, mean, invstd, wg, bg, sg)
+    y.backward(grad_out.double())
+    return (y, *(t.grad for t in leaves))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", AWKWARD_SHAPES, ids=str)
+def test_prelu_matches_reference(shape, layout, dtype, training):
+    x = make_input(shape, layout, dtype, scale=3.0, shift=2.0)
+    weight, bias, slope = (t.to(dtype) for t in make_params(shape[1], "prelu"))
+    grad_out = torch.randn_like(x)
+    ours = run_fused(x, weight, bias, slope, grad_out, training)
+    expected = run_reference(x, weight, bias, slope, grad_out, training)
+    assert ours[0].stride() == x.stride(), "the output keeps the input's memory layout"
+    atol, rtol = TOLERANCE[dtype]
+    for name, got, want in zip(("y", "dx", "dweight", "dbias", "dslope"), ours, expected):
+        scale = max(1.0, want.abs().max().item())
+        torch.testing.assert_close(got.double(), want, atol=atol * scale, rtol=rtol, msg=name)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_activations_match_reference(activation, layout):
+    x = make_input((4, 6, 5, 5), layout, torch.float32)
+    weight, bias, slope = (t.float() if t is not None else None for t in make_params(6, activation))
+    y, mean, invstd = torch.ops.fusedrect.bn_act_fwd_train(x, weight, bias, slope, 1e-5)
+    y_ref, mean_ref, invstd_ref = reference.bn_act_train(x.double(), weight.double(), bias.double(),
+                                                         slope.double() if slope is not None else None)
+    assert mean.dtype == invstd.dtype == torch.float32
+    torch.testing.assert_close(y.double(), y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mean.double(), mean_ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(invstd.double(), invstd_ref, atol=1e-6, rtol=1e-5)
+    grads = torch.ops.fusedrect.bn_act_bwd(torch.ones_like(x), x, mean, invstd, weight, bias, slope, True)
+    assert grads[3].shape == ((0,) if slope is None else (6,))
+
+
+def low_precision_error(got, want):
+    return (got.double() - want).abs().max().item()
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(4, 3, 7, 7), (2, 33, 9, 9), (8, 5, 40, 40)], ids=str)
+def test_low_precision_error_bound(shape, layout, dtype, training):
+    """Ours in bf16/fp16 against PyTorch's own batch_norm + prelu in the same dtype (fp32 parameters)."""
+    x = make_input(shape, layout, dtype, scale=2.0, shift=1.0)
+    weight, bias, slope = (t.float() for t in make_params(shape[1], "prelu"))
+    grad_out = torch.randn_like(x)
+    ours = run_fused(x, weight, bias, slope, grad_out, training)
+    expected = run_reference(x, weight, bias, slope, grad_out, training)
+
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias, slope)]
+    if training:
+        z = F.batch_norm(leaves[0], None, None, leaves[1], leaves[2], True, 0.1, 1e-5)
+    else:
+        mean, invstd = reference.batch_stats(x.detach().double() * 0.5 + 0.3, 1e-5)
+        var = invstd.pow(-2) - 1e-5
+        z = F.batch_norm(leaves[0], mean.float(), var.float(), leaves[1], leaves[2], False, 0.1, 1e-5)
+    y_torch = F.prelu(z, leaves[3].to(dtype))
+    y_torch.backward(grad_out)
+    torch_results = (y_torch, *(t.grad for t in leaves))
+
+    for name, got, want, theirs in zip(("y", "dx", "dweight", "dbias", "dslope"), ours, expected, torch_results):
+        atol = 1e-3 * max(1.0, want.abs().max().item())
+        assert low_precision_error(got, want) <= 2 * low_precision_error(theirs, want) + atol, name
