@@ -22,6 +22,8 @@ namespace {
 
 using at::Tensor;
 
+constexpr int64_t kMergeGrain = 256;  // channels per thread when merging tile partials
+
 // Statistics and reductions: fp64 for fp64 input, fp32 otherwise.
 at::ScalarType stats_dtype(const Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -50,36 +52,48 @@ void batch_stats(const Geometry& geo, const scalar_t* x, double eps, Tensor& mea
   using Vec = MathVec<scalar_t>;
   const Tiling t = tiling_of(geo);
   const int64_t M = geo.per_channel();
-  Tensor partials = at::empty({2, t.groups, geo.C}, mean.options());
+  const int64_t G = t.groups();
+  Tensor partials = at::empty({2, G, geo.C}, mean.options());
   T* local_mean = partials.mutable_data_ptr<T>();
-  T* local_m2 = local_mean + t.groups * geo.C;
+  T* local_m2 = local_mean + G * geo.C;
   parallel_for_tiles(geo, t, [&](const Tile& tile) {
     T* tile_mean = local_mean + tile.g * geo.C;
     T* tile_m2 = local_m2 + tile.g * geo.C;
     reduce_tile<scalar_t, 0, 1, 1>(geo, tile, {x}, {}, {tile_mean},
                                    [](const auto&, const auto& X) { return std::array<Vec, 1>{X[0]}; });
-    const T inv_count = T(1) / T(tile.m1 - tile.m0);
+    const T inv_count = T(1) / T(tile.count());
     for (int64_t c = tile.c0; c < tile.c1; ++c) tile_mean[c] *= inv_count;
     reduce_tile<scalar_t, 1, 1, 1>(geo, tile, {x}, {tile_mean}, {tile_m2}, [](const auto& P, const auto& X) {
       const Vec d = X[0] - P[0];
       return std::array<Vec, 1>{d * d};
     });
   });
+  // Chan's merge: with n elements merged so far and nb in tile row g (the same for every channel),
+  //   delta = mean_g - mean,  mean += delta * nb / (n + nb),  m2 += m2_g + delta^2 * n * nb / (n + nb).
+  // Rows in order, channels innermost (contiguous, vectorised by the compiler), in fp64.
   T* mean_out = mean.mutable_data_ptr<T>();
   T* invstd_out = invstd.mutable_data_ptr<T>();
-  at::parallel_for(0, geo.C, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      double n = 0, mu = 0, m2 = 0;
-      for (int64_t g = 0; g < t.groups; ++g) {
-        const double nb = double(t.count(g, M));
-        const double delta = double(local_mean[g * geo.C + c]) - mu;
-        const double total = n + nb;
-        mu += delta * nb / total;
-        m2 += double(local_m2[g * geo.C + c]) + delta * delta * n * nb / total;
-        n = total;
+  const std::vector<int64_t> counts = tile_counts(geo, t);
+  at::parallel_for(0, geo.C, kMergeGrain, [&](int64_t begin, int64_t end) {
+    std::vector<double> mu(end - begin, 0.0), m2(end - begin, 0.0);
+    double n = 0;
+    for (int64_t g = 0; g < G; ++g) {
+      const double nb = double(counts[g]);
+      const double total = n + nb;
+      const double a = nb / total;
+      const double b = n * nb / total;
+      const T* lm = local_mean + g * geo.C + begin;
+      const T* lm2 = local_m2 + g * geo.C + begin;
+      for (int64_t c = 0; c < end - begin; ++c) {
+        const double delta = double(lm[c]) - mu[c];
+        mu[c] += delta * a;
+        m2[c] += double(lm2[c]) + delta * delta * b;
       }
-      mean_out[c] = T(mu);
-      invstd_out[c] = T(1.0 / std::sqrt(m2 / double(M) + eps));
+      n = total;
+    }
+    for (int64_t c = begin; c < end; ++c) {
+      mean_out[c] = T(mu[c - begin]);
+      invstd_out[c] = T(1.0 / std::sqrt(m2[c - begin] / double(M) + eps));
     }
   });
 }
@@ -137,11 +151,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Geometry& geo, const T
   zparams[2] = beta.const_data_ptr<T>();
   if constexpr (kPReLU) zparams[3] = slope.const_data_ptr<T>();
 
-  Tensor partials = at::empty({int64_t(K), t.groups, C}, mean.options());
+  const int64_t G = t.groups();
+  Tensor partials = at::empty({int64_t(K), G, C}, mean.options());
   T* part = partials.mutable_data_ptr<T>();
   parallel_for_tiles(geo, t, [&](const Tile& tile) {
     std::array<T*, K> acc;
-    for (size_t k = 0; k < K; ++k) acc[k] = part + (k * t.groups + tile.g) * C;
+    for (size_t k = 0; k < K; ++k) acc[k] = part + (k * G + tile.g) * C;
     reduce_tile<scalar_t>(geo, tile, std::array<const scalar_t*, 2>{x, dy}, zparams, acc,
                           [](const auto& P, const auto& X) {
                             const Vec xc = X[0] - P[0];
@@ -157,14 +172,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Geometry& geo, const T
   // Fixed-order merge of the tile partials: dbeta, sum dz * (x - mean), and (PReLU) the slope gradient.
   std::array<Tensor, K> sums;
   for (auto& s : sums) s = at::empty({C}, mean.options());
-  at::parallel_for(0, C, 64, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, C, kMergeGrain, [&](int64_t begin, int64_t end) {
+    std::vector<double> acc(end - begin);
     for (size_t k = 0; k < K; ++k) {
-      T* out = sums[k].template mutable_data_ptr<T>();
-      for (int64_t c = begin; c < end; ++c) {
-        double s = 0;
-        for (int64_t g = 0; g < t.groups; ++g) s += double(part[(k * t.groups + g) * C + c]);
-        out[c] = T(s);
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int64_t g = 0; g < G; ++g) {
+        const T* p = part + (k * G + g) * C + begin;
+        for (int64_t c = 0; c < end - begin; ++c) acc[c] += double(p[c]);
       }
+      std::copy(acc.begin(), acc.end(), sums[k].template mutable_data_ptr<T>() + begin);
     }
   });
   const Tensor grad_bias = sums[0];

@@ -2,27 +2,31 @@
 //
 // The input (N, C, *spatial) is viewed as (N, C, S) with S = prod(spatial), and M = N * S elements per
 // channel. Two memory layouts are native:
-//   NCHW           per channel, N contiguous runs of S elements;
-//   channels-last  a row-major (M, C) matrix (any rank: (N, C), channels_last, channels_last_3d, and
+//   NCHW           N planes of C contiguous runs of S elements;
+//   channels-last  a row-major (N * S, C) matrix (any rank: (N, C), channels_last, channels_last_3d, and
 //                  (N, C, L) tensors transposed from (N, L, C)).
-// Work is cut into tiles that depend only on the shape, never on the thread count, so every per-tile
-// partial and every fixed-order merge of partials is bitwise reproducible:
-//   NCHW           tile (c, g) = elements [g*chunk, (g+1)*chunk) of channel c;
-//   channels-last  tile (g, b) = rows [g*chunk, (g+1)*chunk) x channel block b.
-// A tile holds ~kTileElems elements, small enough to stay in L2 so a tile can be read twice cheaply.
+// Work is cut into tiles of ~kTileElems elements, each a block of memory walked in address order (so the
+// hardware prefetcher streams it), small enough to stay in L2 so a tile can be read twice cheaply:
+//   NCHW           samples [n0, n1) x channels [c0, c1) x positions [s0, s1): whole planes when C * S is
+//                  small, runs of whole channels when S is small, a piece of one run when S is large;
+//   channels-last  rows [r0, r1) x channels [c0, c1).
+// Tiles depend only on the shape, never on the thread count: a reduction writes one partial per (tile row g,
+// channel) into a (G, C) buffer and merges the G partials in a fixed order, so results are bitwise
+// reproducible.
 #pragma once
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
 #include <array>
+#include <vector>
 
 #include "vec_io.h"
 
 namespace fusedrect::cpu {
 
-inline constexpr int64_t kTileElems = 8192;
-inline constexpr int64_t kChannelBlock = 256;  // channels-last tiles: channels per tile
+inline constexpr int64_t kTileElems = 16384;
+inline constexpr int64_t kChannelBlock = 1024;  // channels-last tiles: at most this many channels
 
 struct Geometry {
   int64_t N, C, S;
@@ -52,63 +56,86 @@ inline Geometry geometry_of(const at::Tensor& x, const char* name) {
   return g;
 }
 
-struct Tiling {
-  int64_t chunk;    // elements (NCHW) or rows (channels-last) per tile along M
-  int64_t groups;   // G: tiles along M, the leading dim of every (G, C) partial buffer
-  int64_t blocks;   // channel blocks (channels-last), 1 channel per tile (NCHW)
-  int64_t width;    // channels per block
+struct Tile {
+  int64_t g;       // row of the (G, C) partial buffers
+  int64_t n0, n1;  // samples (NCHW) or rows (channels-last)
+  int64_t c0, c1;  // channels
+  int64_t s0, s1;  // positions within a run (NCHW; [0, 1) for channels-last)
 
-  int64_t count(int64_t g, int64_t M) const { return std::min(chunk, M - g * chunk); }
+  int64_t count() const { return (n1 - n0) * (s1 - s0); }  // elements per channel
 };
 
+struct Tiling {
+  int64_t n_per, c_per, s_per;           // tile extents
+  int64_t n_blocks, c_blocks, s_blocks;  // tiles along each extent
+  int64_t groups() const { return n_blocks * s_blocks; }  // G
+};
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 inline Tiling tiling_of(const Geometry& geo) {
-  const int64_t M = geo.per_channel();
+  const int64_t C = std::max<int64_t>(geo.C, 1);
   Tiling t{};
   if (geo.channels_last) {
-    t.width = std::min<int64_t>(std::max<int64_t>(geo.C, 1), kChannelBlock);
-    t.blocks = (geo.C + t.width - 1) / t.width;
-    t.chunk = std::max<int64_t>(1, kTileElems / t.width);
+    t.c_per = std::min(C, kChannelBlock);
+    t.n_per = std::max<int64_t>(1, kTileElems / t.c_per);
+    t.s_per = 1;
+    t.n_blocks = ceil_div(geo.per_channel(), t.n_per);
+    t.s_blocks = 1;
   } else {
-    t.width = 1;
-    t.blocks = geo.C;
-    t.chunk = kTileElems;
+    t.s_per = std::min(std::max<int64_t>(geo.S, 1), kTileElems);
+    t.c_per = std::min(C, std::max<int64_t>(1, kTileElems / t.s_per));
+    t.n_per = t.c_per == C ? std::max<int64_t>(1, kTileElems / (C * t.s_per)) : 1;
+    t.n_blocks = ceil_div(geo.N, t.n_per);
+    t.s_blocks = ceil_div(geo.S, t.s_per);
   }
-  t.groups = std::max<int64_t>(1, (M + t.chunk - 1) / t.chunk);
+  t.c_blocks = ceil_div(geo.C, t.c_per);
+  t.n_blocks = std::max<int64_t>(t.n_blocks, 1);
+  t.s_blocks = std::max<int64_t>(t.s_blocks, 1);
   return t;
 }
 
-struct Tile {
-  int64_t g;       // index along M
-  int64_t c0, c1;  // channels [c0, c1)
-  int64_t m0, m1;  // elements of each channel [m0, m1)
-};
-
-// Runs f(tile) for every tile, in parallel; small inputs stay on one thread.
+// Runs f(tile) for every tile, in parallel, each thread taking a contiguous range of memory; small inputs
+// stay on one thread.
 template <typename F>
 void parallel_for_tiles(const Geometry& geo, const Tiling& t, const F& f) {
-  const int64_t M = geo.per_channel();
-  const int64_t ntiles = t.groups * t.blocks;
-  const int64_t grain = std::max<int64_t>(1, 4 * kTileElems / std::max<int64_t>(1, t.chunk * t.width));
+  const int64_t rows = geo.channels_last ? geo.per_channel() : geo.N;
+  const int64_t positions = geo.channels_last ? 1 : geo.S;
+  const int64_t ntiles = t.n_blocks * t.c_blocks * t.s_blocks;
+  const int64_t grain = std::max<int64_t>(1, 4 * kTileElems / (t.n_per * t.c_per * t.s_per));
   at::parallel_for(0, ntiles, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      // NCHW: consecutive tiles walk one channel; channels-last: consecutive tiles walk one row range.
-      const int64_t g = geo.channels_last ? i / t.blocks : i % t.groups;
-      const int64_t b = geo.channels_last ? i % t.blocks : i / t.groups;
-      const int64_t c0 = b * t.width;
-      f(Tile{g, c0, std::min(c0 + t.width, geo.C), g * t.chunk, std::min((g + 1) * t.chunk, M)});
+      const int64_t gs = i % t.s_blocks;
+      const int64_t b = (i / t.s_blocks) % t.c_blocks;
+      const int64_t gn = i / (t.s_blocks * t.c_blocks);
+      Tile tile{gn * t.s_blocks + gs,
+                gn * t.n_per, std::min((gn + 1) * t.n_per, rows),
+                b * t.c_per, std::min((b + 1) * t.c_per, geo.C),
+                gs * t.s_per, std::min((gs + 1) * t.s_per, positions)};
+      f(tile);
     }
   });
 }
 
-// Calls f(offset, len) for each contiguous run of channel c's elements [m0, m1) in an NCHW tensor.
+// Elements per channel in each tile row g of the partial buffers (the same for every channel).
+inline std::vector<int64_t> tile_counts(const Geometry& geo, const Tiling& t) {
+  const int64_t rows = geo.channels_last ? geo.per_channel() : geo.N;
+  const int64_t positions = geo.channels_last ? 1 : geo.S;
+  std::vector<int64_t> counts(t.groups());
+  for (int64_t gn = 0; gn < t.n_blocks; ++gn) {
+    for (int64_t gs = 0; gs < t.s_blocks; ++gs) {
+      counts[gn * t.s_blocks + gs] = (std::min((gn + 1) * t.n_per, rows) - gn * t.n_per) *
+                                     (std::min((gs + 1) * t.s_per, positions) - gs * t.s_per);
+    }
+  }
+  return counts;
+}
+
+// Calls f(channel, offset, len) for each contiguous run of an NCHW tile, in address order.
 template <typename F>
-inline void for_each_run(const Geometry& geo, int64_t c, int64_t m0, int64_t m1, const F& f) {
-  int64_t n = m0 / geo.S;
-  int64_t s = m0 % geo.S;
-  for (int64_t m = m0; m < m1; ++n, s = 0) {
-    const int64_t len = std::min(geo.S - s, m1 - m);
-    f((n * geo.C + c) * geo.S + s, len);
-    m += len;
+inline void for_each_run(const Geometry& geo, const Tile& tile, const F& f) {
+  for (int64_t n = tile.n0; n < tile.n1; ++n) {
+    for (int64_t c = tile.c0; c < tile.c1; ++c) f(c, (n * geo.C + c) * geo.S + tile.s0, tile.s1 - tile.s0);
   }
 }
 
@@ -144,15 +171,15 @@ void map_tile(const Geometry& geo, const Tile& tile, const std::array<const scal
     store(out + off, f(P, X), n);
   };
   if (geo.channels_last) {
-    for (int64_t r = tile.m0; r < tile.m1; ++r) {
+    for (int64_t r = tile.n0; r < tile.n1; ++r) {
       for (int64_t c = tile.c0; c < tile.c1; c += V) {
         const int64_t n = std::min(V, tile.c1 - c);
         step(load_params(params, c, n), r * geo.C + c, n);
       }
     }
   } else {
-    const auto P = broadcast_params(params, tile.c0);
-    for_each_run(geo, tile.c0, tile.m0, tile.m1, [&](int64_t off, int64_t len) {
+    for_each_run(geo, tile, [&](int64_t c, int64_t off, int64_t len) {
+      const auto P = broadcast_params(params, c);
       for (int64_t i = 0; i < len; i += V) step(P, off + i, std::min(V, len - i));
     });
   }
@@ -176,9 +203,9 @@ void reduce_tile(const Geometry& geo, const Tile& tile, const std::array<const s
     }
     return t;
   };
+  for (size_t k = 0; k < K; ++k) std::fill(acc[k] + tile.c0, acc[k] + tile.c1, T(0));
   if (geo.channels_last) {
-    for (size_t k = 0; k < K; ++k) std::fill(acc[k] + tile.c0, acc[k] + tile.c1, T(0));
-    for (int64_t r = tile.m0; r < tile.m1; ++r) {
+    for (int64_t r = tile.n0; r < tile.n1; ++r) {
       for (int64_t c = tile.c0; c < tile.c1; c += V) {
         const int64_t n = std::min(V, tile.c1 - c);
         const auto t = terms(load_params(params, c, n), r * geo.C + c, n);
@@ -186,16 +213,16 @@ void reduce_tile(const Geometry& geo, const Tile& tile, const std::array<const s
       }
     }
   } else {
-    const auto P = broadcast_params(params, tile.c0);
-    std::array<Vec, K> sum;
-    sum.fill(Vec(T(0)));
-    for_each_run(geo, tile.c0, tile.m0, tile.m1, [&](int64_t off, int64_t len) {
+    for_each_run(geo, tile, [&](int64_t c, int64_t off, int64_t len) {
+      const auto P = broadcast_params(params, c);
+      std::array<Vec, K> sum;
+      sum.fill(Vec(T(0)));
       for (int64_t i = 0; i < len; i += V) {
         const auto t = terms(P, off + i, std::min(V, len - i));
         for (size_t k = 0; k < K; ++k) sum[k] = sum[k] + t[k];
       }
+      for (size_t k = 0; k < K; ++k) acc[k][c] += reduce_add(sum[k]);
     });
-    for (size_t k = 0; k < K; ++k) acc[k][tile.c0] = reduce_add(sum[k]);
   }
 }
 
