@@ -11,7 +11,7 @@ export MAX_JOBS ?= 2
 
 $(VENV)/.installed: requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade -r requirements-dev.txt
+	$(PY) -m pip install -r requirements-dev.txt
 	touch $@
 
 build: $(VENV)/.installed
@@ -20,8 +20,11 @@ build: $(VENV)/.installed
 test: build
 	$(PY) -m pytest tests
 
+DEVICE = $(shell $(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null)
+
 bench: build
-	$(PY) benchmarks/bench_bn_act.py
+	$(PY) benchmarks/bench_bn_prelu.py --json benchmarks/results/bn_prelu_$(DEVICE).json \
+		--plot benchmarks/results/bn_prelu_$(DEVICE).png
 
 clean:
 	rm -rf build fusedrect/_C*.so *.egg-info

@@ -44,6 +44,11 @@ def _why_unavailable(backend, device):
     return None
 
 
+def available(device):
+    """The compiled backends that can run on tensors on ``device`` (the reference always can)."""
+    return [b for b in BACKENDS if b != "reference" and _why_unavailable(b, device) is None]
+
+
 def resolve(backend, device):
     """The backend that runs for a tensor on ``device``, given the ``backend=`` argument (or None)."""
     requested = backend if backend is not None else os.environ.get(ENV_VAR, "auto")

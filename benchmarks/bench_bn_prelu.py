@@ -1,0 +1,231 @@
+"""Benchmark of fused BatchNorm + PReLU/ReLU against eager PyTorch and torch.compile.
+
+For every activation, shape, memory layout and mode, in one run: the time of one copy of the input (the
+bandwidth yardstick), each provider's median time, its multiple of that copy, the speedups of fusedrect over
+eager and over compile, and the bytes each provider saves for backward. Example:
+
+    python benchmarks/bench_bn_prelu.py --json benchmarks/results/cpu.json --plot benchmarks/results/cpu.png
+"""
+import argparse
+import copy
+
+import torch
+from torch import nn
+
+import fusedrect
+from fusedrect.ops import _backend
+
+from common import (DTYPES, Progress, copy_ms, format_table, geometric_mean, machine_info, median_ms,
+                    saved_bytes, write_json)
+
+RESNET_STAGES = ["32x64x56x56", "32x128x28x28", "32x256x14x14", "32x512x7x7"]
+MODES = ("train_fwd", "train_fwd_bwd", "eval_fwd")
+ACTIVATIONS = ("prelu", "relu")
+LAYOUTS = ("nchw", "channels_last")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--shapes", default=",".join(RESNET_STAGES), help="comma-separated NxCxHxW")
+    p.add_argument("--layouts", default=",".join(LAYOUTS))
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--activations", default=",".join(ACTIVATIONS))
+    p.add_argument("--providers", default="eager,compile,fusedrect", help="eager, compile, fusedrect")
+    p.add_argument("--iters", type=int, default=10, help="timed iterations (median reported)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--json", help="write one record per measurement to this path")
+    p.add_argument("--plot", help="write a PNG bar chart of the speedups to this path")
+    args = p.parse_args(argv)
+    args.shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
+    for name, allowed in (("layouts", LAYOUTS), ("modes", MODES), ("activations", ACTIVATIONS),
+                          ("providers", ("eager", "compile", "fusedrect"))):
+        values = getattr(args, name).split(",")
+        unknown = set(values) - set(allowed)
+        if unknown:
+            p.error(f"--{name}: unknown {sorted(unknown)}; expected some of {allowed}")
+        setattr(args, name, values)
+    args.device = torch.device(args.device)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    return args
+
+
+def eager_module(channels, activation, device, dtype):
+    act = nn.PReLU(channels) if activation == "prelu" else nn.ReLU()
+    return nn.Sequential(nn.BatchNorm2d(channels), act).to(device=device, dtype=dtype)
+
+
+def fused_module(eager, activation, backend):
+    cls = fusedrect.FusedBNPReLU if activation == "prelu" else fusedrect.FusedBNReLU
+    module = cls.from_modules(eager[0], eager[1])
+    module.backend = backend
+    return module
+
+
+def providers_for(args, eager, activation):
+    """(provider, backend, module) for every provider requested and available on the device."""
+    found = []
+    if "eager" in args.providers:
+        found.append(("eager", "", eager))
+    if "compile" in args.providers:
+        torch._dynamo.reset()  # one compiled graph per configuration, never a recompile limit
+        found.append(("compile", "inductor", torch.compile(copy.deepcopy(eager))))
+    if "fusedrect" in args.providers:
+        for backend in _backend.available(args.device):
+            found.append(("fusedrect", backend, fused_module(eager, activation, backend)))
+    return found
+
+
+def step(module, mode, x, grad):
+    if mode == "eval_fwd":
+        module.eval()
+
+        def run():
+            with torch.no_grad():
+                module(x)
+    else:
+        module.train()
+        if mode == "train_fwd":
+            def run():
+                module(x)
+        else:
+            def run():
+                module(x).backward(grad)
+    return run
+
+
+def make_input(shape, layout, device, dtype):
+    x = torch.randn(shape, device=device, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.requires_grad_()
+
+
+def run(args):
+    records = []
+    configs = [(a, s, l) for a in args.activations for s in args.shapes for l in args.layouts]
+    progress = Progress(len(configs) * len(args.modes))
+    dtype = DTYPES[args.dtype]
+    for activation, shape, layout in configs:
+        x = make_input(shape, layout, args.device, dtype)
+        grad = torch.randn_like(x)
+        baseline = copy_ms(x.detach(), args.warmup, args.iters)
+        eager = eager_module(shape[1], activation, args.device, dtype)
+        providers = providers_for(args, eager, activation)
+        for mode in args.modes:
+            progress.step(f"{activation} {mode} {'x'.join(map(str, shape))} {layout}")
+            for provider, backend, module in providers:
+                fn = step(module, mode, x, grad)
+                ms = median_ms(fn, args.device, args.warmup, args.iters)
+                saved = 0 if mode == "eval_fwd" else saved_bytes(lambda: module(x))
+                records.append({
+                    "op": f"bn_{activation}", "provider": provider, "backend": backend, "mode": mode,
+                    "activation": activation, "shape": list(shape), "memory_format": layout,
+                    "dtype": args.dtype, "device": str(args.device), "median_ms": ms, "copy_ms": baseline,
+                    "saved_bytes": saved,
+                })
+    return records
+
+
+def key(r):
+    return (r["activation"], r["mode"], tuple(r["shape"]), r["memory_format"])
+
+
+def report(records):
+    """The table: one row per configuration, with every provider's time and fusedrect's speedups."""
+    by_config = {}
+    for r in records:
+        by_config.setdefault(key(r), {})[(r["provider"], r["backend"])] = r
+    names = sorted({(r["provider"], r["backend"]) for r in records}, key=lambda p: ("eager", "compile").index(
+        p[0]) if p[0] in ("eager", "compile") else 2)
+    fused = [n for n in names if n[0] == "fusedrect"]
+    headers = ["act", "mode", "shape", "layout", "copy ms"]
+    headers += [f"{p}{':' + b if p == 'fusedrect' else ''} ms (xcopy)" for p, b in names]
+    headers += [f"{b} vs {other}" for _, b in fused for other in ("eager", "compile")]
+    headers += [f"saved MB {p}{':' + b if p == 'fusedrect' else ''}" for p, b in names]
+    rows = []
+    for (act, mode, shape, layout), results in by_config.items():
+        first = next(iter(results.values()))
+        row = [act, mode, "x".join(map(str, shape)), layout, f"{first['copy_ms']:.3f}"]
+        for n in names:
+            r = results.get(n)
+            row.append(f"{r['median_ms']:.3f} ({r['median_ms'] / r['copy_ms']:.1f})" if r else "-")
+        for n in fused:
+            for other in ("eager", "compile"):
+                base = next((r for (p, _), r in results.items() if p == other), None)
+                row.append(f"{base['median_ms'] / results[n]['median_ms']:.2f}x" if base else "-")
+        for n in names:
+            r = results.get(n)
+            row.append(f"{r['saved_bytes'] / 2**20:.1f}" if r else "-")
+        rows.append(row)
+    lines = [format_table(headers, rows), ""]
+    for _, backend in fused:
+        for act in sorted({k[0] for k in by_config}):
+            for mode in MODES:
+                for other in ("eager", "compile"):
+                    ratios = [res[(other, "inductor" if other == "compile" else "")]["median_ms"]
+                              / res[("fusedrect", backend)]["median_ms"]
+                              for k, res in by_config.items() if k[0] == act and k[1] == mode
+                              and (other, "inductor" if other == "compile" else "") in res]
+                    if ratios:
+                        lines.append(f"{backend} {act} {mode}: geometric-mean speedup over {other} "
+                                     f"{geometric_mean(ratios):.2f}x (min {min(ratios):.2f}x)")
+        overheads = [by_config[k][("fusedrect", backend)]["median_ms"]
+                     / by_config[("relu",) + k[1:]][("fusedrect", backend)]["median_ms"] - 1
+                     for k in by_config if k[0] == "prelu" and ("relu",) + k[1:] in by_config]
+        if overheads:
+            lines.append(f"{backend}: PReLU over ReLU, mean {100 * sum(overheads) / len(overheads):+.1f}% "
+                         f"(max {100 * max(overheads):+.1f}%)")
+    return "\n".join(lines)
+
+
+def plot(path, records):
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise SystemExit(f"--plot needs matplotlib ({error}); pip install matplotlib") from error
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [m for m in MODES if any(r["mode"] == m for r in records)]
+    fig, axes = plt.subplots(len(modes), 1, figsize=(14, 3.5 * len(modes)), squeeze=False)
+    for ax, mode in zip(axes[:, 0], modes):
+        by_config = {}
+        for r in records:
+            if r["mode"] == mode:
+                by_config.setdefault(key(r), {})[r["provider"] + (":" + r["backend"] if r["backend"] else "")] = r
+        labels = [f"{k[0]}\n{'x'.join(map(str, k[2][1:]))}\n{'CL' if k[3] == 'channels_last' else 'NCHW'}"
+                  for k in by_config]
+        series = sorted({p for res in by_config.values() for p in res if p.startswith("fusedrect")})
+        width = 0.8 / max(1, 2 * len(series))
+        i = 0
+        for s in series:
+            for other in ("eager", "compile:inductor"):
+                values = [res[other]["median_ms"] / res[s]["median_ms"] if other in res and s in res else 0
+                          for res in by_config.values()]
+                ax.bar([j + i * width for j in range(len(labels))], values, width, label=f"{s} vs {other}")
+                i += 1
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks([j + (i - 1) * width / 2 for j in range(len(labels))])
+        ax.set_xticklabels(labels, fontsize=7)
+        ax.set_ylabel("speedup")
+        ax.set_title(f"{mode}: fusedrect speedup ({records[0]['device']}, {records[0]['dtype']})")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    records = run(args)
+    print(report(records))
+    if args.json:
+        write_json(args.json, records, machine_info(args.device))
+    if args.plot:
+        plot(args.plot, records)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Helpers shared by the benchmarks: timing, the copy baseline, saved-for-backward bytes, progress, output."""
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+import fusedrect
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn, device, warmup=3, iters=10):
+    """Median wall time of ``fn()`` in milliseconds over ``iters`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def copy_ms(x, warmup=3, iters=10):
+    """Time of one ``dst.copy_(x)`` of the same tensor: the memory-bandwidth yardstick (1 read + 1 write)."""
+    dst = torch.empty_like(x)
+    return median_ms(lambda: dst.copy_(x), x.device, warmup, iters)
+
+
+def saved_bytes(forward):
+    """Bytes of the distinct storages that autograd saves for backward while ``forward()`` runs."""
+    storages = {}
+
+    def pack(t):
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(storages.values())
+
+
+class Progress:
+    """A one-line progress bar on stderr."""
+
+    def __init__(self, total, width=30):
+        self.total, self.width, self.done = total, width, 0
+        self.start = time.perf_counter()
+
+    def step(self, label):
+        self.done += 1
+        filled = self.width * self.done // max(self.total, 1)
+        elapsed = time.perf_counter() - self.start
+        bar = "#" * filled + "." * (self.width - filled)
+        sys.stderr.write(f"\r[{bar}] {self.done}/{self.total} {elapsed:5.0f}s {label[:60]:<60}")
+        if self.done == self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def machine_info(device):
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "fusedrect": fusedrect.__version__,
+        "fusedrect_build": fusedrect.build_info(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    return info
+
+
+def write_json(path, records, info):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"machine": info, "records": records}, f, indent=1)
+
+
+def format_table(headers, rows):
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
+    line = "  ".join(str(h).rjust(w) for h, w in zip(headers, widths))
+    body = ["  ".join(str(c).rjust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join([line, "-" * len(line), *body])
+
+
+def geometric_mean(values):
+    values = [v for v in values if v and v > 0]
+    return statistics.geometric_mean(values) if values else float("nan")
