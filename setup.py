@@ -9,6 +9,7 @@ torch has CUDA and a CUDA toolkit is found. Environment:
 """
 import glob
 import os
+import sys
 
 import torch
 from setuptools import setup
@@ -47,10 +48,14 @@ def extension():
     if capability != "DEFAULT":
         macros.append((f"CPU_CAPABILITY_{capability}", None))
     cxx = ["-O3", *CPU_CAPABILITY_FLAGS[capability]]
+    # at::parallel_for is a header template: without OpenMP here it runs every loop on one thread.
+    # Linking -fopenmp resolves to the libgomp that torch itself loaded (same soname).
+    openmp = ["-fopenmp"] if torch.backends.openmp.is_available() and sys.platform.startswith("linux") else []
+    cxx += openmp
     sources = ["csrc/fusedrect.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     if not with_cuda():
         return cpp_extension.CppExtension(
-            "fusedrect._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx}
+            "fusedrect._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx}, extra_link_args=openmp
         )
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     return cpp_extension.CUDAExtension(
@@ -58,6 +63,7 @@ def extension():
         sources + sorted(glob.glob("csrc/cuda/*.cu")),
         define_macros=macros + [("FUSEDRECT_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+        extra_link_args=openmp,
     )
 
 

@@ -8,7 +8,6 @@
 // Every pass walks the tiles of tiling.h; reductions write per-tile partials merged in a fixed order.
 #include <ATen/Dispatch.h>
 #include <ATen/Functions.h>
-#include <ATen/TensorOperators.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -29,19 +28,62 @@ at::ScalarType stats_dtype(const Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// A (C,) contiguous tensor of `dtype`: `p` (shape (C,) or (1,)) converted, or `fill` where `p` is absent.
-Tensor per_channel(const std::optional<Tensor>& p, int64_t C, double fill, at::ScalarType dtype,
-                   const char* name) {
-  if (!p.has_value() || !p->defined()) return at::full({C}, fill, at::TensorOptions().dtype(dtype));
-  TORCH_CHECK(p->dim() == 1 && (p->numel() == C || p->numel() == 1), name, ": expected shape (", C,
-              ",) or (1,), got ", p->sizes());
-  return p->to(dtype).expand({C}).contiguous();
+// `p` as a contiguous tensor of `dtype` (undefined where absent), after checking it has `C` elements
+// (or 1 where `shared_ok`).
+Tensor per_channel(const std::optional<Tensor>& p, int64_t C, at::ScalarType dtype, const char* name,
+                   bool shared_ok = false) {
+  if (!p.has_value() || !p->defined()) return Tensor();
+  TORCH_CHECK(p->dim() == 1 && (p->numel() == C || (shared_ok && p->numel() == 1)), name, ": expected shape (",
+              C, shared_ok ? ",) or (1,)" : ",)", ", got ", p->sizes());
+  return p->to(dtype).contiguous();
 }
+
+// The per-channel coefficients every pass reads, one row of C values each, in the statistics dtype.
+enum Row : int64_t { kMean, kScale, kBeta, kSlope, kA, kB, kD, kRows };
+
+template <typename T>
+class ChannelTable {
+ public:
+  // mean, invstd: (C,) of T; weight, bias, slope: (C,) of T or undefined; a slope of 1 element is shared.
+  ChannelTable(int64_t C, const Tensor& mean, const Tensor& invstd, const Tensor& weight, const Tensor& bias,
+               const Tensor& slope)
+      : C_(C), data_(kRows * C) {
+    const T* mu = mean.const_data_ptr<T>();
+    const T* istd = invstd.const_data_ptr<T>();
+    const T* w = weight.defined() ? weight.const_data_ptr<T>() : nullptr;
+    const T* b = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
+    const T* a = slope.defined() ? slope.const_data_ptr<T>() : nullptr;
+    const bool shared = slope.defined() && slope.numel() == 1 && C != 1;
+    for (int64_t c = 0; c < C; ++c) {
+      row(kMean)[c] = mu[c];
+      row(kScale)[c] = (w ? w[c] : T(1)) * istd[c];
+      row(kBeta)[c] = b ? b[c] : T(0);
+      row(kSlope)[c] = a ? a[shared ? 0 : c] : T(0);
+    }
+  }
+
+  T* row(Row r) { return data_.data() + r * C_; }
+  const T* row(Row r) const { return data_.data() + r * C_; }
+
+ private:
+  int64_t C_;
+  std::vector<T> data_;
+};
 
 template <typename Vec>
 inline Vec activate(const Vec& z, const Vec* slope) {
   // ReLU as IEEE maximum so NaN propagates (as torch.relu); PReLU as torch.prelu: z > 0 ? z : a * z.
   return slope ? Vec::blendv(*slope * z, z, z > Vec(0)) : at::vec::maximum(z, Vec(0));
+}
+
+template <bool kPReLU, typename Vec>
+inline Vec grad_z(const Vec& z, const Vec& dy, const Vec* slope) {
+  // PReLU as torch.prelu's backward (z > 0 ? dy : a * dy); ReLU as threshold_backward (z <= 0 ? 0 : dy).
+  if constexpr (kPReLU) {
+    return Vec::blendv(*slope * dy, dy, z > Vec(0));
+  } else {
+    return Vec::blendv(dy, Vec(0), z <= Vec(0));
+  }
 }
 
 // Batch statistics: per tile, the local mean and sum of squared deviations from it (two passes over a
@@ -51,14 +93,14 @@ void batch_stats(const Geometry& geo, const scalar_t* x, double eps, Tensor& mea
   using T = opmath_t<scalar_t>;
   using Vec = MathVec<scalar_t>;
   const Tiling t = tiling_of(geo);
-  const int64_t M = geo.per_channel();
+  const int64_t C = geo.C;
   const int64_t G = t.groups();
-  Tensor partials = at::empty({2, G, geo.C}, mean.options());
-  T* local_mean = partials.mutable_data_ptr<T>();
-  T* local_m2 = local_mean + G * geo.C;
+  std::vector<T> partials(2 * G * C);
+  T* local_mean = partials.data();
+  T* local_m2 = local_mean + G * C;
   parallel_for_tiles(geo, t, [&](const Tile& tile) {
-    T* tile_mean = local_mean + tile.g * geo.C;
-    T* tile_m2 = local_m2 + tile.g * geo.C;
+    T* tile_mean = local_mean + tile.g * C;
+    T* tile_m2 = local_m2 + tile.g * C;
     reduce_tile<scalar_t, 0, 1, 1>(geo, tile, {x}, {}, {tile_mean},
                                    [](const auto&, const auto& X) { return std::array<Vec, 1>{X[0]}; });
     const T inv_count = T(1) / T(tile.count());
@@ -74,7 +116,8 @@ void batch_stats(const Geometry& geo, const scalar_t* x, double eps, Tensor& mea
   T* mean_out = mean.mutable_data_ptr<T>();
   T* invstd_out = invstd.mutable_data_ptr<T>();
   const std::vector<int64_t> counts = tile_counts(geo, t);
-  at::parallel_for(0, geo.C, kMergeGrain, [&](int64_t begin, int64_t end) {
+  const double M = double(geo.per_channel());
+  at::parallel_for(0, C, kMergeGrain, [&](int64_t begin, int64_t end) {
     std::vector<double> mu(end - begin, 0.0), m2(end - begin, 0.0);
     double n = 0;
     for (int64_t g = 0; g < G; ++g) {
@@ -82,8 +125,8 @@ void batch_stats(const Geometry& geo, const scalar_t* x, double eps, Tensor& mea
       const double total = n + nb;
       const double a = nb / total;
       const double b = n * nb / total;
-      const T* lm = local_mean + g * geo.C + begin;
-      const T* lm2 = local_m2 + g * geo.C + begin;
+      const T* lm = local_mean + g * C + begin;
+      const T* lm2 = local_m2 + g * C + begin;
       for (int64_t c = 0; c < end - begin; ++c) {
         const double delta = double(lm[c]) - mu[c];
         mu[c] += delta * a;
@@ -93,24 +136,23 @@ void batch_stats(const Geometry& geo, const scalar_t* x, double eps, Tensor& mea
     }
     for (int64_t c = begin; c < end; ++c) {
       mean_out[c] = T(mu[c - begin]);
-      invstd_out[c] = T(1.0 / std::sqrt(m2[c - begin] / double(M) + eps));
+      invstd_out[c] = T(1.0 / std::sqrt(m2[c - begin] / M + eps));
     }
   });
 }
 
 // y = act((x - mean) * scale + beta): the second pass of the training forward and the whole eval forward.
 template <typename scalar_t, bool kPReLU>
-void apply_forward(const Geometry& geo, const scalar_t* x, const Tensor& mean, const Tensor& scale,
-                   const Tensor& beta, const Tensor& slope, scalar_t* y) {
+void apply_forward(const Geometry& geo, const scalar_t* x, const ChannelTable<opmath_t<scalar_t>>& table,
+                   scalar_t* y) {
   using T = opmath_t<scalar_t>;
   using Vec = MathVec<scalar_t>;
   ParamPtrs<T, kPReLU ? 4 : 3> params;
-  params[0] = mean.const_data_ptr<T>();
-  params[1] = scale.const_data_ptr<T>();
-  params[2] = beta.const_data_ptr<T>();
-  if constexpr (kPReLU) params[3] = slope.const_data_ptr<T>();
-  const Tiling t = tiling_of(geo);
-  parallel_for_tiles(geo, t, [&](const Tile& tile) {
+  params[0] = table.row(kMean);
+  params[1] = table.row(kScale);
+  params[2] = table.row(kBeta);
+  if constexpr (kPReLU) params[3] = table.row(kSlope);
+  parallel_for_tiles(geo, tiling_of(geo), [&](const Tile& tile) {
     map_tile<scalar_t>(geo, tile, std::array<const scalar_t*, 1>{x}, params, y,
                        [](const auto& P, const auto& X) {
                          const Vec z = (X[0] - P[0]) * P[1] + P[2];
@@ -119,44 +161,32 @@ void apply_forward(const Geometry& geo, const scalar_t* x, const Tensor& mean, c
   });
 }
 
-template <bool kPReLU, typename Vec>
-inline Vec grad_z(const Vec& z, const Vec& dy, const Vec* slope) {
-  // PReLU as torch.prelu's backward (z > 0 ? dy : a * dy); ReLU as threshold_backward (z <= 0 ? 0 : dy).
-  if constexpr (kPReLU) {
-    return Vec::blendv(*slope * dy, dy, z > Vec(0));
-  } else {
-    return Vec::blendv(dy, Vec(0), z <= Vec(0));
-  }
-}
-
 // Backward: one reduce pass for dbeta, dgamma and the slope gradient, then one pass writing dx.
+// Returns (grad_input, grad_weight, grad_bias, grad_slope) with per-channel gradients of dtype T.
 template <typename scalar_t, bool kPReLU>
 std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Geometry& geo, const Tensor& grad_out,
-                                                    const Tensor& input, const Tensor& mean,
-                                                    const Tensor& invstd, const Tensor& gamma,
-                                                    const Tensor& beta, const Tensor& slope, bool batch_stats) {
+                                                    const Tensor& input, const Tensor& invstd,
+                                                    ChannelTable<opmath_t<scalar_t>>& table, bool batch_stats) {
   using T = opmath_t<scalar_t>;
   using Vec = MathVec<scalar_t>;
   constexpr size_t K = kPReLU ? 3 : 2;
   const int64_t C = geo.C;
-  const int64_t M = geo.per_channel();
   const Tiling t = tiling_of(geo);
-  const Tensor scale = gamma * invstd;
+  const int64_t G = t.groups();
   const scalar_t* x = input.const_data_ptr<scalar_t>();
   const scalar_t* dy = grad_out.const_data_ptr<scalar_t>();
 
   ParamPtrs<T, kPReLU ? 4 : 3> zparams;
-  zparams[0] = mean.const_data_ptr<T>();
-  zparams[1] = scale.const_data_ptr<T>();
-  zparams[2] = beta.const_data_ptr<T>();
-  if constexpr (kPReLU) zparams[3] = slope.const_data_ptr<T>();
+  zparams[0] = table.row(kMean);
+  zparams[1] = table.row(kScale);
+  zparams[2] = table.row(kBeta);
+  if constexpr (kPReLU) zparams[3] = table.row(kSlope);
 
-  const int64_t G = t.groups();
-  Tensor partials = at::empty({int64_t(K), G, C}, mean.options());
-  T* part = partials.mutable_data_ptr<T>();
+  // Per tile: sum dz, sum dz * (x - mean) and (PReLU) sum dy * min(z, 0).
+  std::vector<T> partials(K * G * C);
   parallel_for_tiles(geo, t, [&](const Tile& tile) {
     std::array<T*, K> acc;
-    for (size_t k = 0; k < K; ++k) acc[k] = part + (k * G + tile.g) * C;
+    for (size_t k = 0; k < K; ++k) acc[k] = partials.data() + (k * G + tile.g) * C;
     reduce_tile<scalar_t>(geo, tile, std::array<const scalar_t*, 2>{x, dy}, zparams, acc,
                           [](const auto& P, const auto& X) {
                             const Vec xc = X[0] - P[0];
@@ -169,35 +199,45 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Geometry& geo, const T
                             return terms;
                           });
   });
-  // Fixed-order merge of the tile partials: dbeta, sum dz * (x - mean), and (PReLU) the slope gradient.
-  std::array<Tensor, K> sums;
-  for (auto& s : sums) s = at::empty({C}, mean.options());
+
+  // Fixed-order merge of the partials, then the per-channel gradients and the dx coefficients.
+  const auto options = invstd.options();
+  Tensor grad_weight = at::empty({C}, options);
+  Tensor grad_bias = at::empty({C}, options);
+  Tensor grad_slope = at::empty({kPReLU ? C : 0}, options);
+  T* dweight = grad_weight.mutable_data_ptr<T>();
+  T* dbias = grad_bias.mutable_data_ptr<T>();
+  T* dslope = grad_slope.mutable_data_ptr<T>();
+  const T* istd = invstd.const_data_ptr<T>();
+  const T inv_m = T(1) / T(geo.per_channel());
   at::parallel_for(0, C, kMergeGrain, [&](int64_t begin, int64_t end) {
-    std::vector<double> acc(end - begin);
+    std::vector<double> sums(K * (end - begin), 0.0);
     for (size_t k = 0; k < K; ++k) {
-      std::fill(acc.begin(), acc.end(), 0.0);
+      double* s = sums.data() + k * (end - begin);
       for (int64_t g = 0; g < G; ++g) {
-        const T* p = part + (k * G + g) * C + begin;
-        for (int64_t c = 0; c < end - begin; ++c) acc[c] += double(p[c]);
+        const T* p = partials.data() + (k * G + g) * C + begin;
+        for (int64_t c = 0; c < end - begin; ++c) s[c] += double(p[c]);
       }
-      std::copy(acc.begin(), acc.end(), sums[k].template mutable_data_ptr<T>() + begin);
+    }
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t i = c - begin;
+      dbias[c] = T(sums[i]);
+      dweight[c] = T(sums[(end - begin) + i]) * istd[c];
+      if constexpr (kPReLU) dslope[c] = T(sums[2 * (end - begin) + i]);
+      const T A = table.row(kScale)[c];
+      table.row(kA)[c] = A;
+      table.row(kB)[c] = batch_stats ? -A * istd[c] * dweight[c] * inv_m : T(0);
+      table.row(kD)[c] = batch_stats ? -A * dbias[c] * inv_m : T(0);
     }
   });
-  const Tensor grad_bias = sums[0];
-  const Tensor grad_weight = sums[1] * invstd;
-  Tensor grad_slope = at::empty({0}, mean.options());
-  if constexpr (kPReLU) grad_slope = sums[2];
 
   // dx = A * dz + B * (x - mean) + D
-  const Tensor A = scale;
-  const Tensor B = batch_stats ? -A * invstd * grad_weight / double(M) : at::zeros_like(A);
-  const Tensor D = batch_stats ? -A * grad_bias / double(M) : at::zeros_like(A);
   ParamPtrs<T, kPReLU ? 7 : 6> dparams;
   std::copy(zparams.begin(), zparams.begin() + 3, dparams.begin());
-  dparams[3] = A.const_data_ptr<T>();
-  dparams[4] = B.const_data_ptr<T>();
-  dparams[5] = D.const_data_ptr<T>();
-  if constexpr (kPReLU) dparams[6] = slope.const_data_ptr<T>();
+  dparams[3] = table.row(kA);
+  dparams[4] = table.row(kB);
+  dparams[5] = table.row(kD);
+  if constexpr (kPReLU) dparams[6] = table.row(kSlope);
   Tensor grad_input = at::empty_like(input);
   scalar_t* dx = grad_input.mutable_data_ptr<scalar_t>();
   parallel_for_tiles(geo, t, [&](const Tile& tile) {
@@ -212,21 +252,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Geometry& geo, const T
   return {grad_input, grad_weight, grad_bias, grad_slope};
 }
 
-bool has(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
-
 void check_floating(const Tensor& x, const char* name) {
   const auto s = x.scalar_type();
   TORCH_CHECK(s == at::kFloat || s == at::kDouble || s == at::kBFloat16 || s == at::kHalf, name,
               ": expected a float16, bfloat16, float32 or float64 tensor, got ", s);
 }
 
+// Calls f(scalar_t{}, std::bool_constant<prelu>{}) for the input dtype and the activation.
 template <typename F>
-void dispatch_activation(bool prelu, const F& f) {
-  if (prelu) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
+void dispatch(const Tensor& input, bool prelu, const F& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "fusedrect::bn_act", [&] {
+    if (prelu) {
+      f(scalar_t{}, std::true_type{});
+    } else {
+      f(scalar_t{}, std::false_type{});
+    }
+  });
 }
 
 std::tuple<Tensor, Tensor, Tensor> bn_act_fwd_train(const Tensor& input, const std::optional<Tensor>& weight,
@@ -236,19 +277,22 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_fwd_train(const Tensor& input, const s
   const Geometry geo = geometry_of(input, "input");
   const auto sdtype = stats_dtype(input);
   const int64_t C = geo.C;
-  Tensor mean = at::zeros({C}, input.options().dtype(sdtype));
-  Tensor invstd = at::full({C}, 1.0 / std::sqrt(eps), input.options().dtype(sdtype));
+  const Tensor w = per_channel(weight, C, sdtype, "weight");
+  const Tensor b = per_channel(bias, C, sdtype, "bias");
+  const Tensor a = per_channel(slope, C, sdtype, "slope", true);
   Tensor out = at::empty_like(input);
-  const Tensor gamma = per_channel(weight, C, 1.0, sdtype, "weight");
-  const Tensor beta = per_channel(bias, C, 0.0, sdtype, "bias");
-  const Tensor a = per_channel(slope, C, 0.0, sdtype, "slope");
-  if (geo.per_channel() == 0) return {out, mean, invstd};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "bn_act_fwd_train", [&] {
+  if (geo.per_channel() == 0) {  // an empty batch: mean 0, var 0 (never used to update running statistics)
+    return {out, at::zeros({C}, input.options().dtype(sdtype)),
+            at::full({C}, 1.0 / std::sqrt(eps), input.options().dtype(sdtype))};
+  }
+  Tensor mean = at::empty({C}, input.options().dtype(sdtype));
+  Tensor invstd = at::empty({C}, input.options().dtype(sdtype));
+  dispatch(input, a.defined(), [&](auto scalar, auto prelu) {
+    using scalar_t = decltype(scalar);
     batch_stats<scalar_t>(geo, input.const_data_ptr<scalar_t>(), eps, mean, invstd);
-    dispatch_activation(has(slope), [&](auto prelu) {
-      apply_forward<scalar_t, decltype(prelu)::value>(geo, input.const_data_ptr<scalar_t>(), mean, gamma * invstd,
-                                                      beta, a, out.mutable_data_ptr<scalar_t>());
-    });
+    const ChannelTable<opmath_t<scalar_t>> table(C, mean, invstd, w, b, a);
+    apply_forward<scalar_t, decltype(prelu)::value>(geo, input.const_data_ptr<scalar_t>(), table,
+                                                    out.mutable_data_ptr<scalar_t>());
   });
   return {out, mean, invstd};
 }
@@ -260,17 +304,18 @@ Tensor bn_act_fwd_eval(const Tensor& input, const Tensor& mean, const Tensor& in
   const Geometry geo = geometry_of(input, "input");
   const auto sdtype = stats_dtype(input);
   const int64_t C = geo.C;
-  const Tensor mu = per_channel(mean, C, 0.0, sdtype, "mean");
-  const Tensor scale = per_channel(weight, C, 1.0, sdtype, "weight") * per_channel(invstd, C, 1.0, sdtype, "invstd");
-  const Tensor beta = per_channel(bias, C, 0.0, sdtype, "bias");
-  const Tensor a = per_channel(slope, C, 0.0, sdtype, "slope");
+  const Tensor mu = per_channel(mean, C, sdtype, "mean");
+  const Tensor istd = per_channel(invstd, C, sdtype, "invstd");
+  const Tensor w = per_channel(weight, C, sdtype, "weight");
+  const Tensor b = per_channel(bias, C, sdtype, "bias");
+  const Tensor a = per_channel(slope, C, sdtype, "slope", true);
   Tensor out = at::empty_like(input);
   if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "bn_act_fwd_eval", [&] {
-    dispatch_activation(has(slope), [&](auto prelu) {
-      apply_forward<scalar_t, decltype(prelu)::value>(geo, input.const_data_ptr<scalar_t>(), mu, scale, beta, a,
-                                                      out.mutable_data_ptr<scalar_t>());
-    });
+  dispatch(input, a.defined(), [&](auto scalar, auto prelu) {
+    using scalar_t = decltype(scalar);
+    const ChannelTable<opmath_t<scalar_t>> table(C, mu, istd, w, b, a);
+    apply_forward<scalar_t, decltype(prelu)::value>(geo, input.const_data_ptr<scalar_t>(), table,
+                                                    out.mutable_data_ptr<scalar_t>());
   });
   return out;
 }
@@ -289,21 +334,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_bwd(const Tensor& grad_out, co
               "grad_out: expected the memory layout of input");
   const auto sdtype = stats_dtype(input);
   const int64_t C = geo.C;
-  const Tensor mu = per_channel(mean, C, 0.0, sdtype, "mean");
-  const Tensor istd = per_channel(invstd, C, 1.0, sdtype, "invstd");
-  const Tensor gamma = per_channel(weight, C, 1.0, sdtype, "weight");
-  const Tensor beta = per_channel(bias, C, 0.0, sdtype, "bias");
-  const Tensor a = per_channel(slope, C, 0.0, sdtype, "slope");
+  const Tensor mu = per_channel(mean, C, sdtype, "mean");
+  const Tensor istd = per_channel(invstd, C, sdtype, "invstd");
+  const Tensor w = per_channel(weight, C, sdtype, "weight");
+  const Tensor b = per_channel(bias, C, sdtype, "bias");
+  const Tensor a = per_channel(slope, C, sdtype, "slope", true);
   if (geo.per_channel() == 0) {
-    const Tensor zeros = at::zeros({C}, mu.options());
-    return {at::empty_like(input), zeros, zeros.clone(), has(slope) ? zeros.clone() : at::empty({0}, mu.options())};
+    const auto options = mu.options();
+    return {at::empty_like(input), at::zeros({C}, options), at::zeros({C}, options),
+            at::zeros({a.defined() ? C : 0}, options)};
   }
   std::tuple<Tensor, Tensor, Tensor, Tensor> grads;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "bn_act_bwd", [&] {
-    dispatch_activation(has(slope), [&](auto prelu) {
-      grads = backward<scalar_t, decltype(prelu)::value>(geo, grad_out, input, mu, istd, gamma, beta, a,
-                                                         batch_stats);
-    });
+  dispatch(input, a.defined(), [&](auto scalar, auto prelu) {
+    using scalar_t = decltype(scalar);
+    ChannelTable<opmath_t<scalar_t>> table(C, mu, istd, w, b, a);
+    grads = backward<scalar_t, decltype(prelu)::value>(geo, grad_out, input, istd, table, batch_stats);
   });
   return grads;
 }

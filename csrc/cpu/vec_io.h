@@ -20,22 +20,22 @@ using MathVec = at::vec::Vectorized<opmath_t<scalar_t>>;
 template <typename scalar_t>
 inline constexpr bool is_reduced_float_v = !std::is_same_v<scalar_t, opmath_t<scalar_t>>;
 
-// Loads `n` elements (n <= vector size); lanes past `n` are zero.
+// Loads `n` elements (n <= vector size). Lanes past `n` are unspecified: reductions mask them out.
 template <typename scalar_t>
 inline MathVec<scalar_t> load(const scalar_t* p, int64_t n) {
   using Vec = MathVec<scalar_t>;
-  if (n == Vec::size()) {
-    if constexpr (is_reduced_float_v<scalar_t>) {
+  if constexpr (is_reduced_float_v<scalar_t>) {
+    if (n == Vec::size()) {
       Vec out;
       at::vec::load_to_float<scalar_t>(p, out);
       return out;
-    } else {
-      return Vec::loadu(p);
     }
+    __at_align__ opmath_t<scalar_t> buf[Vec::size()] = {};
+    std::copy_n(p, n, buf);
+    return Vec::loadu(buf);
+  } else {
+    return Vec::loadu(p, n);  // a masked load on AVX2/AVX512
   }
-  __at_align__ opmath_t<scalar_t> buf[Vec::size()] = {};
-  std::copy_n(p, n, buf);
-  return Vec::loadu(buf);
 }
 
 // Stores the first `n` lanes of `v` (n <= vector size), rounding to scalar_t.
