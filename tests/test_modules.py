@@ -35,6 +35,17 @@ def train_steps(model, inputs, grads, lr=0.1):
     return results
 
 
+def canonical_state(model):
+    """Floating-point state under the fused module's names, for a fused module or nn.Sequential(bn, act)."""
+    if isinstance(model, nn.Sequential):
+        state = {k[2:]: v for k, v in model.state_dict().items() if k.startswith("0.")}
+        if "1.weight" in model.state_dict():
+            state["slope"] = model.state_dict()["1.weight"]
+    else:
+        state = model.state_dict()
+    return {k: v for k, v in state.items() if v.is_floating_point()}
+
+
 def assert_same_state(fused, pair, atol, rtol):
     bn, act = pair
     expected = dict(bn.state_dict())
@@ -73,26 +84,31 @@ def test_three_training_steps_then_eval(rank, layout, activation, options):
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_bfloat16_module_step(layout, activation):
-    """bf16 parameters and input, one step: within twice PyTorch's own bf16 error of the fp64 result."""
+def test_bfloat16_three_training_steps(layout, activation):
+    """bf16 parameters and input over three SGD steps: outputs, gradients, parameters and running statistics
+    within twice PyTorch's own bf16 error of the fp64 result (plus a small atol), at every step."""
     shape = (4, 6, 5, 5)
-    x = make_input(shape, layout, scale=2.0, shift=1.0)
-    g = torch.randn(shape)
     exact = nn.Sequential(*torch_modules(6, 4, activation, dtype=torch.float64))
     theirs = copy.deepcopy(exact).to(torch.bfloat16)
     ours = fused_module(6, activation, dtype=torch.bfloat16)
-    results = {}
-    for name, model, dtype in (("exact", exact, torch.float64), ("theirs", theirs, torch.bfloat16),
-                               ("ours", ours, torch.bfloat16)):
-        xi = x.to(dtype).requires_grad_()
-        y = model(xi)
-        y.backward(g.to(dtype))
-        params = [p.grad.double() for p in model.parameters()]
-        buffers = [b.double() for b in model.buffers() if b.is_floating_point()]
-        results[name] = [y.double(), xi.grad.double(), *params, *buffers]
-    for got, theirs_, want in zip(results["ours"], results["theirs"], results["exact"]):
-        err = (got - want).abs().max().item()
-        assert err <= 2 * (theirs_ - want).abs().max().item() + 1e-2 * max(1.0, want.abs().max().item())
+    ours.load_state_dict(ours.state_dict() | {k: v.to(torch.bfloat16) for k, v in exact[0].state_dict().items()})
+    models = {"exact": (exact, torch.float64), "theirs": (theirs, torch.bfloat16), "ours": (ours, torch.bfloat16)}
+    optimizers = {name: torch.optim.SGD(m.parameters(), lr=0.1) for name, (m, _) in models.items()}
+    for step in range(3):
+        x = make_input(shape, layout, scale=2.0, shift=1.0 + step)
+        g = torch.randn(shape)
+        results = {}
+        for name, (model, dtype) in models.items():
+            xi = x.to(dtype).requires_grad_()
+            y = model(xi)
+            y.backward(g.to(dtype))
+            optimizers[name].step()
+            optimizers[name].zero_grad()
+            state = canonical_state(model)
+            results[name] = [y.double(), xi.grad.double(), *(state[k].double() for k in sorted(state))]
+        for got, theirs_, want in zip(results["ours"], results["theirs"], results["exact"]):
+            err = (got - want).abs().max().item()
+            assert err <= 2 * (theirs_ - want).abs().max().item() + 1e-2 * max(1.0, want.abs().max().item()), step
 
 
 def test_mixed_precision_input_with_fp32_parameters():
