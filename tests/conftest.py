@@ -1,9 +1,16 @@
 """Shared test helpers: seeded RNG, inputs in each memory layout, the PyTorch modules we replace."""
+import os
+
 import pytest
 import torch
 from torch import nn
 
 import fusedrect
+
+
+# tests/interpret runs Triton's interpreter, which must be switched on before triton is imported: in its own
+# process (test_triton_interpreter.py starts it), never collected into this one.
+collect_ignore = [] if os.environ.get("TRITON_INTERPRET") == "1" else ["interpret"]
 
 
 @pytest.fixture(autouse=True)

@@ -6,8 +6,11 @@ run on the tensor's device and warns once where that is the (slow) reference.
 
 Backends:
     ``"cpp"``        the compiled C++ kernels of ``fusedrect._C`` (CPU tensors)
+    ``"triton"``     the Triton kernels of ``fusedrect.kernels`` (CUDA tensors; CPU tensors under
+                     ``TRITON_INTERPRET=1``, Triton's interpreter, for testing without a GPU)
     ``"reference"``  ``fusedrect.reference``: pure PyTorch, any device, always available
 """
+import importlib.util
 import os
 import warnings
 
@@ -24,7 +27,7 @@ except ImportError as error:  # a pure-Python install: the package still works, 
         stacklevel=2,
     )
 
-BACKENDS = ("cpp", "reference")
+BACKENDS = ("cpp", "triton", "reference")
 ENV_VAR = "FUSEDRECT_BACKEND"
 
 _warned_devices = set()
@@ -35,17 +38,29 @@ def compiled():
     return _C is not None
 
 
+def triton_interpreted():
+    """True when Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 before triton's import)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _why_unavailable(backend, device):
     if backend == "cpp":
         if _C is None:
             return "fusedrect._C is not built"
         if device.type != "cpu":
             return f"it runs on CPU tensors only, got a {device.type} tensor"
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
+        if device.type == "cpu" and not triton_interpreted():
+            return "it runs on CPU tensors only under TRITON_INTERPRET=1"
+        if device.type not in ("cpu", "cuda"):
+            return f"it runs on CUDA tensors, got a {device.type} tensor"
     return None
 
 
 def available(device):
-    """The compiled backends that can run on tensors on ``device`` (the reference always can)."""
+    """The kernel backends that can run on tensors on ``device`` (the reference always can)."""
     return [b for b in BACKENDS if b != "reference" and _why_unavailable(b, device) is None]
 
 
@@ -60,8 +75,9 @@ def resolve(backend, device):
         if reason is not None:
             raise RuntimeError(f"fusedrect backend {requested!r} cannot run: {reason}")
         return requested
-    if _why_unavailable("cpp", device) is None:
-        return "cpp"
+    preferred = "cpp" if device.type == "cpu" else "triton"
+    if _why_unavailable(preferred, device) is None:
+        return preferred
     if _C is not None and device.type not in _warned_devices:
         _warned_devices.add(device.type)
         warnings.warn(

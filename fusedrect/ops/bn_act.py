@@ -1,10 +1,18 @@
 """The fused BatchNorm + ReLU/PReLU ops (``torch.ops.fusedrect.bn_act_*``, schemas in csrc/fusedrect.cpp):
-their fake implementations and autograd, and the per-call entry points that run the resolved backend.
+their fake implementations, autograd and device kernels registered from Python, and the per-call entry points
+that run the resolved backend.
 
 The ops are free of side effects: training forward returns ``(y, mean, invstd)`` and the caller updates
 running statistics. Backward recomputes the activation from ``x``; only ``x``, the parameters and the
 per-channel statistics are saved.
+
+Kernels reach the ops through the dispatcher (CPU: the C++ kernels registered by ``fusedrect._C``; CUDA: the
+Triton launchers registered below), which is what ``torch.compile`` and ``opcheck`` see. Triton running in its
+interpreter on CPU tensors cannot sit behind the CPU dispatch key (the C++ kernels do), so that one path
+calls the launchers directly under an autograd.Function with the same backward.
 """
+import functools
+
 import torch
 
 from fusedrect import reference
@@ -35,17 +43,58 @@ def _param_grad(grad, param, needed):
     return grad.to(param.dtype)
 
 
-def _backward(ctx, grad_y, x, mean, invstd, weight, bias, slope, batch_stats, param_offset):
-    dx, dweight, dbias, dslope = torch.ops.fusedrect.bn_act_bwd(
-        _like(grad_y, x), x, mean, invstd, weight, bias, slope, batch_stats
-    )
+def _triton(name):
+    """A Triton launcher of fusedrect.kernels.bn_act, imported on first use (triton is slow to import)."""
+
+    def launch(*args):
+        from fusedrect.kernels import bn_act as kernels
+
+        return getattr(kernels, name)(*args)
+
+    return launch
+
+
+# Autograd, shared by the dispatcher ops and the direct path: `bwd` is the backward op of the same backend.
+
+
+def _train_setup(ctx, inputs, output, bwd):
+    x, weight, bias, slope = inputs[:4]
+    _y, mean, invstd = output
+    ctx.mark_non_differentiable(mean, invstd)
+    ctx.save_for_backward(x, mean, invstd, weight, bias, slope)
+    ctx.bwd, ctx.batch_stats = bwd, True
+
+
+def _eval_setup(ctx, inputs, output, bwd):
+    x, mean, invstd, weight, bias, slope = inputs[:6]
+    ctx.save_for_backward(x, mean, invstd, weight, bias, slope)
+    ctx.bwd, ctx.batch_stats = bwd, False
+
+
+def _backward(ctx, grad_y):
+    """Gradients for (input, weight, bias, slope)."""
+    x, mean, invstd, weight, bias, slope = ctx.saved_tensors
+    dx, dweight, dbias, dslope = ctx.bwd(_like(grad_y, x), x, mean, invstd, weight, bias, slope, ctx.batch_stats)
     needs = ctx.needs_input_grad
+    offset = 1 if ctx.batch_stats else 3  # eval: (input, mean, invstd, weight, ...)
     return (
         dx if needs[0] else None,
-        _param_grad(dweight, weight, needs[param_offset]),
-        _param_grad(dbias, bias, needs[param_offset + 1]),
-        _param_grad(dslope, slope, needs[param_offset + 2]),
+        _param_grad(dweight, weight, needs[offset]),
+        _param_grad(dbias, bias, needs[offset + 1]),
+        _param_grad(dslope, slope, needs[offset + 2]),
     )
+
+
+def _train_backward(ctx, grad_y, _grad_mean, _grad_invstd):
+    return (*_backward(ctx, grad_y), None)
+
+
+def _eval_backward(ctx, grad_y):
+    dx, dweight, dbias, dslope = _backward(ctx, grad_y)
+    return dx, None, None, dweight, dbias, dslope
+
+
+_TRITON = {name: _triton(name) for name in ("bn_act_fwd_train", "bn_act_fwd_eval", "bn_act_bwd")}
 
 
 def _stats_like(x):
@@ -53,6 +102,7 @@ def _stats_like(x):
 
 
 if _backend.compiled():
+    OPS = torch.ops.fusedrect
 
     @torch.library.register_fake("fusedrect::bn_act_fwd_train")
     def _fwd_train_fake(input, weight, bias, slope, eps):
@@ -67,41 +117,65 @@ if _backend.compiled():
         slope_grad = _stats_like(input) if slope is not None else input.new_empty((0,), dtype=mean.dtype)
         return torch.empty_like(input), _stats_like(input), _stats_like(input), slope_grad
 
-    def _fwd_train_setup(ctx, inputs, output):
-        x, weight, bias, slope, _eps = inputs
-        _y, mean, invstd = output
-        ctx.mark_non_differentiable(mean, invstd)
-        ctx.save_for_backward(x, mean, invstd, weight, bias, slope)
-
-    def _fwd_train_backward(ctx, grad_y, _grad_mean, _grad_invstd):
-        x, mean, invstd, weight, bias, slope = ctx.saved_tensors
-        dx, dweight, dbias, dslope = _backward(ctx, grad_y, x, mean, invstd, weight, bias, slope, True, 1)
-        return dx, dweight, dbias, dslope, None
-
-    def _fwd_eval_setup(ctx, inputs, output):
-        x, mean, invstd, weight, bias, slope = inputs
-        ctx.save_for_backward(x, mean, invstd, weight, bias, slope)
-
-    def _fwd_eval_backward(ctx, grad_y):
-        x, mean, invstd, weight, bias, slope = ctx.saved_tensors
-        dx, dweight, dbias, dslope = _backward(ctx, grad_y, x, mean, invstd, weight, bias, slope, False, 3)
-        return dx, None, None, dweight, dbias, dslope
-
     torch.library.register_autograd(
-        "fusedrect::bn_act_fwd_train", _fwd_train_backward, setup_context=_fwd_train_setup
+        "fusedrect::bn_act_fwd_train", _train_backward,
+        setup_context=functools.partial(_train_setup, bwd=OPS.bn_act_bwd),
     )
-    torch.library.register_autograd("fusedrect::bn_act_fwd_eval", _fwd_eval_backward, setup_context=_fwd_eval_setup)
+    torch.library.register_autograd(
+        "fusedrect::bn_act_fwd_eval", _eval_backward, setup_context=functools.partial(_eval_setup, bwd=OPS.bn_act_bwd)
+    )
+    for _name in ("bn_act_fwd_train", "bn_act_fwd_eval", "bn_act_bwd"):
+        torch.library.register_kernel(f"fusedrect::{_name}", "cuda", _TRITON[_name])
+
+
+class _TritonDirectTrain(torch.autograd.Function):
+    """Training forward of the Triton launchers called outside the dispatcher (interpreted, CPU tensors)."""
+
+    @staticmethod
+    def forward(x, weight, bias, slope, eps):
+        return _TRITON["bn_act_fwd_train"](x, weight, bias, slope, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _train_setup(ctx, inputs, output, _TRITON["bn_act_bwd"])
+
+    backward = staticmethod(_train_backward)
+
+
+class _TritonDirectEval(torch.autograd.Function):
+    """Eval forward of the Triton launchers called outside the dispatcher (interpreted, CPU tensors)."""
+
+    @staticmethod
+    def forward(x, mean, invstd, weight, bias, slope):
+        return _TRITON["bn_act_fwd_eval"](x, mean, invstd, weight, bias, slope)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _eval_setup(ctx, inputs, output, _TRITON["bn_act_bwd"])
+
+    backward = staticmethod(_eval_backward)
+
+
+def _through_dispatcher(backend, x):
+    """True when the dispatcher routes x's device to ``backend`` (CPU: cpp, CUDA: triton)."""
+    return _backend.compiled() and (backend == "cpp" or x.device.type == "cuda")
 
 
 def bn_act_train(x, weight, bias, slope, eps, backend):
     """Training forward on the resolved ``backend``: ``(y, mean, invstd)``."""
     if backend == "reference":
         return reference.bn_act_train(x, weight, bias, slope, eps)
-    return torch.ops.fusedrect.bn_act_fwd_train(native_layout(x), weight, bias, slope, eps)
+    x = native_layout(x)
+    if _through_dispatcher(backend, x):
+        return torch.ops.fusedrect.bn_act_fwd_train(x, weight, bias, slope, eps)
+    return _TritonDirectTrain.apply(x, weight, bias, slope, eps)
 
 
 def bn_act_eval(x, mean, invstd, weight, bias, slope, backend):
     """Forward with given per-channel statistics on the resolved ``backend``: ``y``."""
     if backend == "reference":
         return reference.bn_act_eval(x, mean, invstd, weight, bias, slope)
-    return torch.ops.fusedrect.bn_act_fwd_eval(native_layout(x), mean, invstd, weight, bias, slope)
+    x = native_layout(x)
+    if _through_dispatcher(backend, x):
+        return torch.ops.fusedrect.bn_act_fwd_eval(x, mean, invstd, weight, bias, slope)
+    return _TritonDirectEval.apply(x, mean, invstd, weight, bias, slope)

@@ -1,0 +1,481 @@
+"""Triton kernels for fused BatchNorm + ReLU/PReLU, and thin launchers that return tensors (no autograd here).
+
+The launchers have the signatures of the ``torch.ops.fusedrect`` ops (csrc/fusedrect.cpp), which they implement
+for CUDA tensors; under ``TRITON_INTERPRET=1`` they run on CPU tensors too. The math, per channel c over its M
+elements (see shared/DESIGN.md):
+
+    forward   z = (x - mean) * invstd * gamma + beta,   y = z > 0 ? z : a * z   (ReLU: z <= 0 ? 0 : z)
+    backward  dz = dy * (z > 0 ? 1 : a),  dbeta = sum dz,  dgamma = invstd * sum dz * (x - mean),
+              da = sum dy * min(z, 0),    dx = gamma * invstd * (dz - dbeta / M - xhat * dgamma / M)
+              (with running statistics: dx = gamma * invstd * dz)
+
+The input (N, C, *spatial) is viewed as (N, C, S). Reductions use a tiling per layout:
+    NCHW           grid (C, G): program (c, g) walks a contiguous share of channel c's M elements;
+    channels-last  grid (G, C / BLOCK_C): program (g, b) walks rows of the (N*S, C) matrix, channels contiguous.
+Each program writes its partials to (G, C) buffers (Chan's mean/M2 for the statistics, plain sums for
+backward) and a second kernel merges them over g in a fixed order: no atomics, bitwise reproducible. The
+reduction split depends only on the shape and is never autotuned (that would change the summation order);
+the elementwise kernels are autotuned, keyed on the shape class, and use a heuristic config where autotuning
+cannot run (the interpreter).
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+RELU = tl.constexpr(0)  # values of the ACT constexpr
+PRELU = tl.constexpr(1)
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Reductions: elements (NCHW) or rows x channels (channels-last) per loop step, and the programs to aim for.
+REDUCE_BLOCK = 1024
+REDUCE_BLOCK_R, REDUCE_BLOCK_C = 32, 64
+TARGET_PROGRAMS = 1024
+FINALIZE_BLOCK_C = 128
+
+# Elementwise: (rows, columns) of the (ROWS, COLS) view per program. NCHW: rows = N*C, cols = S;
+# channels-last: rows = N*S, cols = C.
+ELEMENTWISE_CONFIGS = [
+    triton.Config({"BLOCK_R": r, "BLOCK_COLS": c}, num_warps=w)
+    for r, c, w in [(1, 1024, 4), (1, 2048, 8), (2, 512, 4), (4, 256, 4), (8, 128, 4), (16, 64, 4), (32, 64, 8),
+                    (32, 32, 4), (64, 32, 8)]
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared device helpers
+
+
+@triton.jit
+def _activate(z, a, ACT: tl.constexpr):
+    if ACT == PRELU:
+        return tl.where(z > 0, z, a * z)
+    return tl.where(z <= 0, 0.0, z)  # NaN stays NaN, as torch.relu
+
+
+@triton.jit
+def _grad_z(z, dy, a, ACT: tl.constexpr):
+    if ACT == PRELU:
+        return tl.where(z > 0, dy, a * dy)
+    return tl.where(z <= 0, 0.0, dy)  # as threshold_backward
+
+
+@triton.jit
+def _block_start(block, BLOCK: tl.constexpr, INDEX_64: tl.constexpr):
+    """First index of block number `block`, in 64-bit arithmetic where offsets can pass 2**31."""
+    if INDEX_64:
+        block = block.to(tl.int64)
+    return block * BLOCK
+
+
+@triton.jit
+def _chan_merge(count, mean, m2, b_count, b_mean, b_m2):
+    """Chan et al.: merge (b_count, b_mean, b_m2) into (count, mean, m2); counts may be 0."""
+    total = count + b_count
+    safe = tl.maximum(total, 1.0)
+    delta = b_mean - mean
+    mean = mean + delta * (b_count / safe)
+    m2 = m2 + b_m2 + delta * delta * (count * b_count / safe)
+    return total, mean, m2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training statistics: per-program (mean, M2) partials, then a fixed-order merge
+
+
+@triton.jit
+def _stats_nchw_kernel(x_ptr, part_mean_ptr, part_m2_ptr, C, S, M, ITERS,
+                       BLOCK: tl.constexpr, ACC: tl.constexpr, INDEX_64: tl.constexpr):
+    c = tl.program_id(0)
+    g = tl.program_id(1)
+    count = tl.zeros((), ACC)
+    mean = tl.zeros((), ACC)
+    m2 = tl.zeros((), ACC)
+    for i in range(ITERS):
+        m = _block_start(g * ITERS + i, BLOCK, INDEX_64) + tl.arange(0, BLOCK)
+        mask = m < M
+        n = m // S
+        x = tl.load(x_ptr + (n * C + c) * S + (m - n * S), mask=mask, other=0.0).to(ACC)
+        b_count = tl.sum(mask.to(ACC), axis=0)
+        b_mean = tl.sum(x, axis=0) / tl.maximum(b_count, 1.0)
+        d = tl.where(mask, x - b_mean, 0.0)
+        count, mean, m2 = _chan_merge(count, mean, m2, b_count, b_mean, tl.sum(d * d, axis=0))
+    tl.store(part_mean_ptr + g * C + c, mean)
+    tl.store(part_m2_ptr + g * C + c, m2)
+
+
+@triton.jit
+def _stats_cl_kernel(x_ptr, part_mean_ptr, part_m2_ptr, C, R, ITERS,
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr, INDEX_64: tl.constexpr):
+    g = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    count = tl.zeros((), ACC)
+    mean = tl.zeros((BLOCK_C,), ACC)
+    m2 = tl.zeros((BLOCK_C,), ACC)
+    for i in range(ITERS):
+        rows = _block_start(g * ITERS + i, BLOCK_R, INDEX_64) + tl.arange(0, BLOCK_R)
+        mask = (rows < R)[:, None] & col_mask[None, :]
+        x = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(ACC)
+        b_count = tl.sum((rows < R).to(ACC), axis=0)
+        b_mean = tl.sum(x, axis=0) / tl.maximum(b_count, 1.0)
+        d = tl.where(mask, x - b_mean[None, :], 0.0)
+        count, mean, m2 = _chan_merge(count, mean, m2, b_count, b_mean, tl.sum(d * d, axis=0))
+    tl.store(part_mean_ptr + g * C + cols, mean, mask=col_mask)
+    tl.store(part_m2_ptr + g * C + cols, m2, mask=col_mask)
+
+
+@triton.jit
+def _stats_merge_kernel(part_mean_ptr, part_m2_ptr, mean_ptr, invstd_ptr, C, G, CHUNK, M, eps,
+                        BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    # Partial g holds min(CHUNK, M - g * CHUNK) elements of every channel; merged in order g = 0, 1, ...
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    count = tl.zeros((), ACC)
+    mean = tl.zeros((BLOCK_C,), ACC)
+    m2 = tl.zeros((BLOCK_C,), ACC)
+    for g in range(G):
+        b_count = tl.minimum(CHUNK, M - g * CHUNK).to(ACC)
+        b_mean = tl.load(part_mean_ptr + g * C + cols, mask=col_mask, other=0.0)
+        b_m2 = tl.load(part_m2_ptr + g * C + cols, mask=col_mask, other=0.0)
+        count, mean, m2 = _chan_merge(count, mean, m2, b_count, b_mean, b_m2)
+    tl.store(mean_ptr + cols, mean, mask=col_mask)
+    tl.store(invstd_ptr + cols, 1.0 / tl.sqrt(m2 / M + eps), mask=col_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Elementwise passes over the (ROWS, COLS) view: forward apply and backward dx
+
+
+@triton.jit
+def _channels_of(rows, cols, C, CHANNELS_LAST: tl.constexpr):
+    if CHANNELS_LAST:
+        return cols[None, :]
+    return (rows % C)[:, None]
+
+
+@triton.jit
+def _apply_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, slope_ptr, slope_stride,
+                  C, ROWS, COLS, ROWS_CLASS,
+                  ACT: tl.constexpr, AFFINE: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
+                  INDEX_64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    rows = _block_start(tl.program_id(0), BLOCK_R, INDEX_64) + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    mask = (rows < ROWS)[:, None] & (cols < COLS)[None, :]
+    ch = _channels_of(rows, cols, C, CHANNELS_LAST)
+    scale = tl.load(invstd_ptr + ch, mask=mask, other=0.0)
+    shift = tl.zeros_like(scale)
+    if AFFINE:
+        scale = scale * tl.load(weight_ptr + ch, mask=mask, other=0.0).to(ACC)
+        shift = tl.load(bias_ptr + ch, mask=mask, other=0.0).to(ACC)
+    a = tl.zeros_like(scale)
+    if ACT == PRELU:
+        a = tl.load(slope_ptr + ch * slope_stride, mask=mask, other=0.0).to(ACC)
+    offsets = rows[:, None] * COLS + cols[None, :]
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
+    z = (x - tl.load(mean_ptr + ch, mask=mask, other=0.0)) * scale + shift
+    tl.store(y_ptr + offsets, _activate(z, a, ACT).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dx_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, slope_ptr, slope_stride,
+               grad_weight_ptr, grad_bias_ptr, inv_m, C, ROWS, COLS, ROWS_CLASS,
+               ACT: tl.constexpr, AFFINE: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
+               INDEX_64: tl.constexpr, BATCH_STATS: tl.constexpr,
+               BLOCK_R: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    # dx = A * dz + B * (x - mean) + D,  A = gamma * invstd,  B = -A * invstd * dgamma / M,  D = -A * dbeta / M
+    rows = _block_start(tl.program_id(0), BLOCK_R, INDEX_64) + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    mask = (rows < ROWS)[:, None] & (cols < COLS)[None, :]
+    ch = _channels_of(rows, cols, C, CHANNELS_LAST)
+    invstd = tl.load(invstd_ptr + ch, mask=mask, other=0.0)
+    scale = invstd
+    shift = tl.zeros_like(scale)
+    if AFFINE:
+        scale = scale * tl.load(weight_ptr + ch, mask=mask, other=0.0).to(ACC)
+        shift = tl.load(bias_ptr + ch, mask=mask, other=0.0).to(ACC)
+    a = tl.zeros_like(scale)
+    if ACT == PRELU:
+        a = tl.load(slope_ptr + ch * slope_stride, mask=mask, other=0.0).to(ACC)
+    offsets = rows[:, None] * COLS + cols[None, :]
+    xc = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC) - tl.load(mean_ptr + ch, mask=mask, other=0.0)
+    dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(ACC)
+    dx = scale * _grad_z(xc * scale + shift, dy, a, ACT)
+    if BATCH_STATS:
+        dgamma = tl.load(grad_weight_ptr + ch, mask=mask, other=0.0)
+        dbeta = tl.load(grad_bias_ptr + ch, mask=mask, other=0.0)
+        dx = dx - scale * inv_m * (invstd * dgamma * xc + dbeta)
+    tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+_apply_tuned = triton.autotune(ELEMENTWISE_CONFIGS, key=["COLS", "ROWS_CLASS", "CHANNELS_LAST"])(_apply_kernel)
+_dx_tuned = triton.autotune(ELEMENTWISE_CONFIGS, key=["COLS", "ROWS_CLASS", "CHANNELS_LAST"])(_dx_kernel)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backward reduction: per-program sums of dz, dz * (x - mean) and dy * min(z, 0), then a fixed-order sum
+
+
+@triton.jit
+def _bwd_terms(x, dy, mean, scale, shift, a, mask, ACT: tl.constexpr):
+    xc = x - mean
+    z = xc * scale + shift
+    dz = tl.where(mask, _grad_z(z, dy, a, ACT), 0.0)
+    neg = tl.where(mask, tl.where(z > 0, 0.0, z * dy), 0.0)  # dy * min(z, 0), NaN propagating
+    return dz, dz * xc, neg
+
+
+@triton.jit
+def _bwd_reduce_nchw_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, slope_ptr, slope_stride,
+                            part_ptr, C, S, M, G, ITERS,
+                            ACT: tl.constexpr, AFFINE: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+                            INDEX_64: tl.constexpr):
+    c = tl.program_id(0)
+    g = tl.program_id(1)
+    mean = tl.load(mean_ptr + c)
+    scale = tl.load(invstd_ptr + c)
+    shift = tl.zeros_like(scale)
+    if AFFINE:
+        scale = scale * tl.load(weight_ptr + c).to(ACC)
+        shift = tl.load(bias_ptr + c).to(ACC)
+    a = tl.zeros_like(scale)
+    if ACT == PRELU:
+        a = tl.load(slope_ptr + c * slope_stride).to(ACC)
+    sum_dz = tl.zeros((BLOCK,), ACC)
+    sum_dzx = tl.zeros((BLOCK,), ACC)
+    sum_neg = tl.zeros((BLOCK,), ACC)
+    for i in range(ITERS):
+        m = _block_start(g * ITERS + i, BLOCK, INDEX_64) + tl.arange(0, BLOCK)
+        mask = m < M
+        n = m // S
+        offsets = (n * C + c) * S + (m - n * S)
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
+        dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(ACC)
+        dz, dzx, neg = _bwd_terms(x, dy, mean, scale, shift, a, mask, ACT)
+        sum_dz += dz
+        sum_dzx += dzx
+        sum_neg += neg
+    tl.store(part_ptr + g * C + c, tl.sum(sum_dz, axis=0))
+    tl.store(part_ptr + (G + g) * C + c, tl.sum(sum_dzx, axis=0))
+    tl.store(part_ptr + (2 * G + g) * C + c, tl.sum(sum_neg, axis=0))
+
+
+@triton.jit
+def _bwd_reduce_cl_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, slope_ptr, slope_stride,
+                          part_ptr, C, R, G, ITERS,
+                          ACT: tl.constexpr, AFFINE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                          ACC: tl.constexpr, INDEX_64: tl.constexpr):
+    g = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0)[None, :]
+    scale = tl.load(invstd_ptr + cols, mask=col_mask, other=0.0)[None, :]
+    shift = tl.zeros_like(scale)
+    if AFFINE:
+        scale = scale * tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+        shift = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+    a = tl.zeros_like(scale)
+    if ACT == PRELU:
+        a = tl.load(slope_ptr + cols * slope_stride, mask=col_mask, other=0.0).to(ACC)[None, :]
+    sum_dz = tl.zeros((BLOCK_R, BLOCK_C), ACC)
+    sum_dzx = tl.zeros((BLOCK_R, BLOCK_C), ACC)
+    sum_neg = tl.zeros((BLOCK_R, BLOCK_C), ACC)
+    for i in range(ITERS):
+        rows = _block_start(g * ITERS + i, BLOCK_R, INDEX_64) + tl.arange(0, BLOCK_R)
+        mask = (rows < R)[:, None] & col_mask[None, :]
+        offsets = rows[:, None] * C + cols[None, :]
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
+        dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(ACC)
+        dz, dzx, neg = _bwd_terms(x, dy, mean, scale, shift, a, mask, ACT)
+        sum_dz += dz
+        sum_dzx += dzx
+        sum_neg += neg
+    tl.store(part_ptr + g * C + cols, tl.sum(sum_dz, axis=0), mask=col_mask)
+    tl.store(part_ptr + (G + g) * C + cols, tl.sum(sum_dzx, axis=0), mask=col_mask)
+    tl.store(part_ptr + (2 * G + g) * C + cols, tl.sum(sum_neg, axis=0), mask=col_mask)
+
+
+@triton.jit
+def _bwd_finalize_kernel(part_ptr, invstd_ptr, grad_weight_ptr, grad_bias_ptr, grad_slope_ptr, C, G,
+                         ACT: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    sum_dz = tl.zeros((BLOCK_C,), ACC)
+    sum_dzx = tl.zeros((BLOCK_C,), ACC)
+    sum_neg = tl.zeros((BLOCK_C,), ACC)
+    for g in range(G):
+        sum_dz += tl.load(part_ptr + g * C + cols, mask=col_mask, other=0.0)
+        sum_dzx += tl.load(part_ptr + (G + g) * C + cols, mask=col_mask, other=0.0)
+        sum_neg += tl.load(part_ptr + (2 * G + g) * C + cols, mask=col_mask, other=0.0)
+    invstd = tl.load(invstd_ptr + cols, mask=col_mask, other=0.0)
+    tl.store(grad_bias_ptr + cols, sum_dz, mask=col_mask)
+    tl.store(grad_weight_ptr + cols, sum_dzx * invstd, mask=col_mask)
+    if ACT == PRELU:
+        tl.store(grad_slope_ptr + cols, sum_neg, mask=col_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers
+
+
+def channels_last(x):
+    """True when x is walked as a row-major (N * S, C) matrix (as the CPU kernels decide)."""
+    spatial = x.numel() // max(1, x.shape[0] * x.shape[1]) if x.shape[0] * x.shape[1] else 1
+    dense_cl = x.movedim(1, -1).is_contiguous()
+    if not (x.is_contiguous() or dense_cl):
+        raise ValueError(f"input: expected a contiguous or channels-last tensor, got strides {x.stride()}")
+    return dense_cl and (spatial == 1 or not x.is_contiguous())
+
+
+def _acc(x):
+    return tl.float64 if x.dtype == torch.float64 else tl.float32
+
+
+def _stats_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+class _Geometry:
+    """Sizes of the (N, C, S) view and the reduction split, which depends on the shape only."""
+
+    def __init__(self, x):
+        self.N, self.C = x.shape[0], x.shape[1]
+        self.S = x.numel() // max(1, self.N * self.C) if self.N * self.C else 1
+        self.M = self.N * self.S
+        self.channels_last = channels_last(x)
+        self.index_64 = x.numel() >= 2**31
+        if self.channels_last:
+            steps = triton.cdiv(self.M, REDUCE_BLOCK_R)
+            programs_per_group = triton.cdiv(self.C, REDUCE_BLOCK_C)
+            self.chunk_unit = REDUCE_BLOCK_R
+        else:
+            steps = triton.cdiv(self.M, REDUCE_BLOCK)
+            programs_per_group = self.C
+            self.chunk_unit = REDUCE_BLOCK
+        groups = max(1, min(steps, TARGET_PROGRAMS // max(1, programs_per_group)))
+        self.iters = max(1, triton.cdiv(steps, groups))
+        self.groups = max(1, triton.cdiv(steps, self.iters))
+        self.chunk = self.iters * self.chunk_unit  # elements (NCHW) or rows (channels-last) per partial
+        self.rows, self.cols = (self.M, self.C) if self.channels_last else (self.N * self.C, self.S)
+
+
+def _elementwise_launch(kernel_jit, kernel_tuned, geo, args, constexprs):
+    grid_rows_cols = (geo.rows, geo.cols)
+    rows_class = triton.next_power_of_2(max(1, geo.rows))
+    if INTERPRET:
+        block_cols = min(2048, triton.next_power_of_2(max(1, geo.cols)))
+        block_r = max(1, min(64, 2048 // block_cols))
+        grid = (triton.cdiv(geo.rows, block_r), triton.cdiv(geo.cols, block_cols))
+        kernel_jit[grid](*args, *grid_rows_cols, rows_class, **constexprs, BLOCK_R=block_r, BLOCK_COLS=block_cols)
+        return
+
+    def grid(meta):
+        return (triton.cdiv(geo.rows, meta["BLOCK_R"]), triton.cdiv(geo.cols, meta["BLOCK_COLS"]))
+
+    kernel_tuned[grid](*args, *grid_rows_cols, rows_class, **constexprs)
+
+
+def _per_channel(t, dtype):
+    return None if t is None else t.to(dtype).contiguous()
+
+
+def _affine_args(weight, bias, C, dtype, device):
+    """(weight, bias, AFFINE): a missing half of an affine pair becomes ones / zeros."""
+    if weight is None and bias is None:
+        return None, None, False
+    weight = torch.ones(C, dtype=dtype, device=device) if weight is None else weight.contiguous()
+    bias = torch.zeros(C, dtype=dtype, device=device) if bias is None else bias.contiguous()
+    return weight, bias, True
+
+
+def _slope_args(slope):
+    if slope is None:
+        return None, 0, RELU.value
+    return slope.contiguous(), 0 if slope.numel() == 1 else 1, PRELU.value
+
+
+def bn_act_fwd_train(x, weight, bias, slope, eps):
+    """Training forward: (y, mean, invstd) with fp32 (fp64 for fp64 input) statistics."""
+    geo = _Geometry(x)
+    stats = _stats_dtype(x)
+    y = torch.empty_like(x)
+    if geo.M == 0:
+        zeros = torch.zeros(geo.C, dtype=stats, device=x.device)
+        return y, zeros, torch.full_like(zeros, 1.0 / eps**0.5)
+    part_mean = torch.empty(geo.groups, geo.C, dtype=stats, device=x.device)
+    part_m2 = torch.empty_like(part_mean)
+    acc = _acc(x)
+    if geo.channels_last:
+        _stats_cl_kernel[(geo.groups, triton.cdiv(geo.C, REDUCE_BLOCK_C))](
+            x, part_mean, part_m2, geo.C, geo.M, geo.iters,
+            BLOCK_R=REDUCE_BLOCK_R, BLOCK_C=REDUCE_BLOCK_C, ACC=acc, INDEX_64=geo.index_64)
+    else:
+        _stats_nchw_kernel[(geo.C, geo.groups)](
+            x, part_mean, part_m2, geo.C, geo.S, geo.M, geo.iters,
+            BLOCK=REDUCE_BLOCK, ACC=acc, INDEX_64=geo.index_64)
+    mean = torch.empty(geo.C, dtype=stats, device=x.device)
+    invstd = torch.empty_like(mean)
+    _stats_merge_kernel[(triton.cdiv(geo.C, FINALIZE_BLOCK_C),)](
+        part_mean, part_m2, mean, invstd, geo.C, geo.groups, geo.chunk, geo.M, eps,
+        BLOCK_C=FINALIZE_BLOCK_C, ACC=acc)
+    _apply(x, y, mean, invstd, weight, bias, slope, geo)
+    return y, mean, invstd
+
+
+def bn_act_fwd_eval(x, mean, invstd, weight, bias, slope):
+    """Forward with the given per-channel statistics."""
+    geo = _Geometry(x)
+    y = torch.empty_like(x)
+    if x.numel():
+        stats = _stats_dtype(x)
+        _apply(x, y, _per_channel(mean, stats), _per_channel(invstd, stats), weight, bias, slope, geo)
+    return y
+
+
+def _apply(x, y, mean, invstd, weight, bias, slope, geo):
+    weight, bias, affine = _affine_args(weight, bias, geo.C, mean.dtype, x.device)
+    slope, slope_stride, act = _slope_args(slope)
+    _elementwise_launch(
+        _apply_kernel, _apply_tuned, geo,
+        (x, y, mean, invstd, weight, bias, slope, slope_stride, geo.C),
+        dict(ACT=act, AFFINE=affine, CHANNELS_LAST=geo.channels_last, ACC=_acc(x), INDEX_64=geo.index_64))
+
+
+def bn_act_bwd(grad_out, x, mean, invstd, weight, bias, slope, batch_stats):
+    """Backward: (grad_input, grad_weight, grad_bias, grad_slope); per-channel gradients in the statistics
+    dtype, grad_slope per channel ((0,) for ReLU)."""
+    geo = _Geometry(x)
+    if channels_last(grad_out) != geo.channels_last or grad_out.shape != x.shape:
+        raise ValueError("grad_out: expected the shape and memory layout of input")
+    stats = _stats_dtype(x)
+    mean, invstd = _per_channel(mean, stats), _per_channel(invstd, stats)
+    weight, bias, affine = _affine_args(weight, bias, geo.C, stats, x.device)
+    slope, slope_stride, act = _slope_args(slope)
+    grad_weight = torch.zeros(geo.C, dtype=stats, device=x.device)
+    grad_bias = torch.zeros_like(grad_weight)
+    grad_slope = torch.zeros(geo.C if act == PRELU.value else 0, dtype=stats, device=x.device)
+    grad_input = torch.empty_like(x)
+    if geo.M == 0:
+        return grad_input, grad_weight, grad_bias, grad_slope
+    acc = _acc(x)
+    partials = torch.empty(3, geo.groups, geo.C, dtype=stats, device=x.device)
+    common = (grad_out, x, mean, invstd, weight, bias, slope, slope_stride, partials)
+    if geo.channels_last:
+        _bwd_reduce_cl_kernel[(geo.groups, triton.cdiv(geo.C, REDUCE_BLOCK_C))](
+            *common, geo.C, geo.M, geo.groups, geo.iters,
+            ACT=act, AFFINE=affine, BLOCK_R=REDUCE_BLOCK_R, BLOCK_C=REDUCE_BLOCK_C, ACC=acc, INDEX_64=geo.index_64)
+    else:
+        _bwd_reduce_nchw_kernel[(geo.C, geo.groups)](
+            *common, geo.C, geo.S, geo.M, geo.groups, geo.iters,
+            ACT=act, AFFINE=affine, BLOCK=REDUCE_BLOCK, ACC=acc, INDEX_64=geo.index_64)
+    _bwd_finalize_kernel[(triton.cdiv(geo.C, FINALIZE_BLOCK_C),)](
+        partials, invstd, grad_weight, grad_bias, grad_slope, geo.C, geo.groups,
+        ACT=act, BLOCK_C=FINALIZE_BLOCK_C, ACC=acc)
+    _elementwise_launch(
+        _dx_kernel, _dx_tuned, geo,
+        (grad_out, x, grad_input, mean, invstd, weight, bias, slope, slope_stride, grad_weight, grad_bias,
+         1.0 / geo.M, geo.C),
+        dict(ACT=act, AFFINE=affine, CHANNELS_LAST=geo.channels_last, ACC=acc, INDEX_64=geo.index_64,
+             BATCH_STATS=batch_stats))
+    return grad_input, grad_weight, grad_bias, grad_slope

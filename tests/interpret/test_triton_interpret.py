@@ -1,0 +1,104 @@
+"""The Triton kernels in Triton's CPU interpreter (TRITON_INTERPRET=1), through the public functional API and
+modules with backend="triton": forward, backward and gradcheck against the reference, fp64/fp32/fp16, both
+layouts, ReLU and both PReLU slope modes, awkward channel counts and 1x1 spatial size. Tiny shapes: every
+program instance costs milliseconds here."""
+import os
+
+import pytest
+import torch
+
+import fusedrect
+from conftest import ACTIVATIONS, LAYOUTS, fused_call, fused_module, make_input, make_params, torch_modules
+from fusedrect import reference
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (see tests/test_triton_interpreter.py)"
+
+SHAPES = [(3, 1, 4, 4), (2, 3, 5, 5), (2, 33, 3, 3), (5, 3, 1, 1), (6, 33), (2, 3, 7), (2, 3, 2, 2, 3)]
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-2}
+
+
+def forward_backward(x, params, grad, training, backend):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, *params)]
+    stats = None if training else (reference.batch_stats(x.detach().double() * 0.5 + 0.25, 1e-5))
+    if training:
+        y = fused_call(leaves[0], None, None, *leaves[1:], True, backend)
+    else:
+        mean, invstd = stats
+        var = invstd.pow(-2) - 1e-5
+        y = fused_call(leaves[0], mean.to(x.dtype), var.to(x.dtype), *leaves[1:], False, backend)
+    y.backward(grad)
+    return [y, *(t.grad for t in leaves if t is not None)]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_triton_matches_reference(shape, layout, activation, dtype, training):
+    x = make_input(shape, layout, dtype, scale=2.0, shift=1.0)
+    params = [p.to(dtype) if p is not None else None for p in make_params(shape[1], activation)]
+    grad = torch.randn(shape, dtype=torch.float64).to(dtype)
+    ours = forward_backward(x, params, grad, training, "triton")
+    expected = forward_backward(x.double(), [p.double() if p is not None else None for p in params],
+                                grad.double(), training, "reference")
+    assert ours[0].stride() == x.stride()
+    for got, want in zip(ours, expected):
+        tol = TOLERANCE[dtype] * max(1.0, want.abs().max().item())
+        torch.testing.assert_close(got.double(), want, atol=tol, rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(3, 2, 2, 2), (4, 3), (2, 3, 1, 1)], ids=str)
+def test_triton_gradcheck(shape, layout, activation, training):
+    x = make_input(shape, layout, torch.float64, scale=2.0).requires_grad_()
+    params = [p.requires_grad_() if p is not None else None for p in make_params(shape[1], activation)]
+    running_mean = torch.randn(shape[1], dtype=torch.float64)
+    running_var = torch.rand(shape[1], dtype=torch.float64) + 0.5
+
+    def fn(x, weight, bias, *slope):
+        stats = (None, None) if training else (running_mean, running_var)
+        return fused_call(x, *stats, weight, bias, slope[0] if slope else None, training, "triton")
+
+    assert torch.autograd.gradcheck(fn, (x, *[p for p in params if p is not None]), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_triton_module_steps_match_pytorch(activation):
+    bn, act = torch_modules(3, 4, activation)
+    reference_model = torch.nn.Sequential(bn, act)
+    fused = fused_module(3, activation, backend="triton")
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (fused, reference_model)]
+    for step in range(2):
+        x = make_input((4, 3, 3, 3), "channels_last" if step else "nchw", shift=float(step))
+        outputs = []
+        for model, optimizer in zip((fused, reference_model), optimizers):
+            y = model(x)
+            y.square().sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            outputs.append(y)
+        torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fused.running_var, bn.running_var)
+
+
+def test_environment_selects_triton(monkeypatch):
+    monkeypatch.setenv("FUSEDRECT_BACKEND", "triton")
+    calls = []
+    from fusedrect.kernels import bn_act as kernels
+
+    original = kernels.bn_act_fwd_train
+    monkeypatch.setattr(kernels, "bn_act_fwd_train", lambda *a: calls.append(1) or original(*a))
+    fusedrect.FusedBNReLU(3)(torch.randn(4, 3, 2, 2))
+    assert calls == [1]
+
+
+def test_triton_is_deterministic():
+    x = make_input((4, 5, 6, 6), "channels_last", scale=3.0)
+    params = [p.float() for p in make_params(5, "prelu")]
+    grad = torch.randn(4, 5, 6, 6)
+    first = forward_backward(x, params, grad, True, "triton")
+    second = forward_backward(x, params, grad, True, "triton")
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
