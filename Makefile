@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda)
 export MAX_JOBS ?= 2
 
-.PHONY: build test bench clean
+.PHONY: build test bench gpu-check clean
 
 $(VENV)/.installed: requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,21 @@ DEVICE = $(shell $(PY) -c "import torch; print('cuda' if torch.cuda.is_available
 bench: build
 	$(PY) benchmarks/bench_bn_prelu.py --json benchmarks/results/bn_prelu_$(DEVICE).json \
 		--plot benchmarks/results/bn_prelu_$(DEVICE).png
+
+# On a lent GPU machine (torch and triton preinstalled, no package registry): build with the machine's own
+# python, run the GPU tests and the CUDA benchmark, keep the JSON in $OUT (else benchmarks/results/).
+GPU_PY ?= python3
+RESULTS = $(if $(OUT),$(OUT),benchmarks/results)
+
+gpu-check:
+	$(GPU_PY) -c "import sys, torch; torch.cuda.is_available() or sys.exit('make gpu-check: no CUDA device visible to torch')"
+	$(GPU_PY) -m pip install --no-build-isolation --no-deps -e .
+	$(GPU_PY) -m pytest tests -m gpu -q -p no:cacheprovider
+	mkdir -p $(RESULTS)
+	for dtype in fp32 bf16; do \
+		$(GPU_PY) benchmarks/bench_bn_prelu.py --device cuda --dtype $$dtype \
+			--json $(RESULTS)/bn_prelu_cuda_$$dtype.json || exit 1; \
+	done
 
 clean:
 	rm -rf build fusedrect/_C*.so *.egg-info

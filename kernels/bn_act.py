@@ -32,6 +32,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 REDUCE_BLOCK = 1024
 REDUCE_BLOCK_R, REDUCE_BLOCK_C = 32, 64
 TARGET_PROGRAMS = 1024
+REDUCE_WARPS = 8  # fewer leave the three fp64 backward accumulators short of registers (spills)
 FINALIZE_BLOCK_C = 128
 
 # Elementwise: (rows, columns) of the (ROWS, COLS) view per program. NCHW: rows = N*C, cols = S;
@@ -150,9 +151,12 @@ def _stats_merge_kernel(part_mean_ptr, part_m2_ptr, mean_ptr, invstd_ptr, C, G, 
 
 @triton.jit
 def _channels_of(rows, cols, C, CHANNELS_LAST: tl.constexpr):
+    """The channel of each element of a (rows, cols) tile: its column (channels-last) or row modulo C (NCHW)."""
     if CHANNELS_LAST:
-        return cols[None, :]
-    return (rows % C)[:, None]
+        ch = cols[None, :] + 0 * rows[:, None]
+    else:
+        ch = (rows % C)[:, None] + 0 * cols[None, :]
+    return ch
 
 
 @triton.jit
@@ -409,11 +413,11 @@ def bn_act_fwd_train(x, weight, bias, slope, eps):
     if geo.channels_last:
         _stats_cl_kernel[(geo.groups, triton.cdiv(geo.C, REDUCE_BLOCK_C))](
             x, part_mean, part_m2, geo.C, geo.M, geo.iters,
-            BLOCK_R=REDUCE_BLOCK_R, BLOCK_C=REDUCE_BLOCK_C, ACC=acc, INDEX_64=geo.index_64)
+            BLOCK_R=REDUCE_BLOCK_R, BLOCK_C=REDUCE_BLOCK_C, ACC=acc, INDEX_64=geo.index_64, num_warps=REDUCE_WARPS)
     else:
         _stats_nchw_kernel[(geo.C, geo.groups)](
             x, part_mean, part_m2, geo.C, geo.S, geo.M, geo.iters,
-            BLOCK=REDUCE_BLOCK, ACC=acc, INDEX_64=geo.index_64)
+            BLOCK=REDUCE_BLOCK, ACC=acc, INDEX_64=geo.index_64, num_warps=REDUCE_WARPS)
     mean = torch.empty(geo.C, dtype=stats, device=x.device)
     invstd = torch.empty_like(mean)
     _stats_merge_kernel[(triton.cdiv(geo.C, FINALIZE_BLOCK_C),)](
@@ -464,11 +468,12 @@ def bn_act_bwd(grad_out, x, mean, invstd, weight, bias, slope, batch_stats):
     if geo.channels_last:
         _bwd_reduce_cl_kernel[(geo.groups, triton.cdiv(geo.C, REDUCE_BLOCK_C))](
             *common, geo.C, geo.M, geo.groups, geo.iters,
-            ACT=act, AFFINE=affine, BLOCK_R=REDUCE_BLOCK_R, BLOCK_C=REDUCE_BLOCK_C, ACC=acc, INDEX_64=geo.index_64)
+            ACT=act, AFFINE=affine, BLOCK_R=REDUCE_BLOCK_R, BLOCK_C=REDUCE_BLOCK_C, ACC=acc, INDEX_64=geo.index_64,
+            num_warps=REDUCE_WARPS)
     else:
         _bwd_reduce_nchw_kernel[(geo.C, geo.groups)](
             *common, geo.C, geo.S, geo.M, geo.groups, geo.iters,
-            ACT=act, AFFINE=affine, BLOCK=REDUCE_BLOCK, ACC=acc, INDEX_64=geo.index_64)
+            ACT=act, AFFINE=affine, BLOCK=REDUCE_BLOCK, ACC=acc, INDEX_64=geo.index_64, num_warps=REDUCE_WARPS)
     _bwd_finalize_kernel[(triton.cdiv(geo.C, FINALIZE_BLOCK_C),)](
         partials, invstd, grad_weight, grad_bias, grad_slope, geo.C, geo.groups,
         ACT=act, BLOCK_C=FINALIZE_BLOCK_C, ACC=acc)

@@ -1,0 +1,119 @@
+"""GPU tests of the Triton backend (marked gpu; skipped without a CUDA device): against the reference in
+fp32/bf16/fp16, gradcheck in fp64, drop-in module steps, bitwise determinism, a tensor with more than 2**31
+elements, and torch.compile(fullgraph=True) through the ops."""
+import pytest
+import torch
+
+import fusedrect
+from conftest import ACTIVATIONS, LAYOUTS, fused_call, fused_module, make_input, make_params, torch_modules
+from fusedrect import reference
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+GPU_BACKENDS = ["triton"]
+SHAPES = [(32, 64, 56, 56), (8, 3, 7, 7), (4, 33, 1, 1), (64, 1000), (2, 17, 3, 5, 7)]
+
+
+def run(x, params, grad, training, backend):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, *params)]
+    running = (None, None) if training else (torch.zeros(x.shape[1], device=x.device),
+                                             torch.ones(x.shape[1], device=x.device))
+    y = fused_call(leaves[0], *running, *leaves[1:], training, backend)
+    y.backward(grad)
+    return [y, *(t.grad for t in leaves if t is not None)]
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_gpu_matches_reference(shape, layout, activation, dtype, training, backend):
+    x = make_input(shape, layout, dtype, scale=2.0, shift=1.0).cuda()
+    params = [p.float().cuda() if p is not None else None for p in make_params(shape[1], activation)]
+    grad = torch.randn(shape, device="cuda").to(dtype)
+    ours = run(x, params, grad, training, backend)
+    exact = run(x.double(), [p.double() if p is not None else None for p in params], grad.double(), training,
+                "reference")
+    theirs = run(x, params, grad, training, "reference")  # PyTorch's own ops in the same dtype
+    for got, want, baseline in zip(ours, exact, theirs):
+        err = (got.double() - want).abs().max().item()
+        atol = (1e-5 if dtype == torch.float32 else 1e-2) * max(1.0, want.abs().max().item())
+        assert err <= 2 * (baseline.double() - want).abs().max().item() + atol
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gpu_gradcheck(layout, activation, backend):
+    x = make_input((3, 4, 3, 3), layout, torch.float64).cuda().requires_grad_()
+    params = [p.cuda().requires_grad_() if p is not None else None for p in make_params(4, activation)]
+
+    def fn(x, weight, bias, *slope):
+        return fused_call(x, None, None, weight, bias, slope[0] if slope else None, True, backend)
+
+    assert torch.autograd.gradcheck(fn, (x, *[p for p in params if p is not None]), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gpu_module_steps_match_pytorch(activation, backend):
+    bn, act = torch_modules(16, 4, activation, device="cuda")
+    plain = torch.nn.Sequential(bn, act)
+    fused = fused_module(16, activation, device="cuda", backend=backend)
+    for step in range(3):
+        x = make_input((8, 16, 9, 9), "channels_last" if step % 2 else "nchw", shift=float(step)).cuda()
+        torch.testing.assert_close(fused(x), plain(x), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fused.running_mean, bn.running_mean)
+    torch.testing.assert_close(fused.running_var, bn.running_var)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gpu_bitwise_deterministic(layout, dtype, backend):
+    x = make_input((32, 128, 28, 28), layout, dtype, scale=3.0).cuda()
+    params = [p.float().cuda() for p in make_params(128, "prelu")]
+    grad = torch.randn(x.shape, device="cuda").to(dtype)
+    first = run(x, params, grad, True, backend)
+    for _ in range(3):
+        assert all(torch.equal(a, b) for a, b in zip(first, run(x, params, grad, True, backend)))
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_more_than_2_31_elements(backend):
+    """64-bit offsets: 2 channels of 2**30 + 3 elements each (bf16, 4 GiB per tensor)."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 24 * 2**30:
+        pytest.skip("needs 24 GiB of free GPU memory")
+    n = 2**30 + 3
+    x = torch.randn(1, 2, n, device="cuda", dtype=torch.bfloat16)
+    slope = torch.tensor([0.1, 0.2], device="cuda")
+    y, mean, invstd = torch.ops.fusedrect.bn_act_fwd_train(x, None, None, slope, 1e-5)
+    xf = x.float()
+    torch.testing.assert_close(mean, xf.mean(dim=(0, 2)), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(invstd, torch.rsqrt(xf.var(dim=(0, 2), unbiased=False) + 1e-5), atol=1e-4, rtol=1e-4)
+    for index in (0, n // 2, n - 1):
+        z = (xf[0, :, index] - mean) * invstd
+        torch.testing.assert_close(y[0, :, index].float(), torch.where(z > 0, z, slope * z), atol=2e-2, rtol=1e-2)
+    del xf
+    dx, dw, db, ds = torch.ops.fusedrect.bn_act_bwd(torch.ones_like(x), x, mean, invstd, None, None, slope, True)
+    assert torch.isfinite(dx[0, :, -1].float()).all() and torch.isfinite(ds).all()
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gpu_compile_fullgraph(activation, backend):
+    torch._dynamo.reset()
+    fused = fused_module(32, activation, device="cuda", backend=backend)
+    compiled = torch.compile(fused, fullgraph=True)
+    x = torch.randn(8, 32, 14, 14, device="cuda", requires_grad=True)
+    y = compiled(x)
+    y.sum().backward()
+    expected = reference.bn_act_train(x.detach().double(), fused.weight.double(), fused.bias.double(),
+                                      None if activation == "relu" else fused.slope.double())[0]
+    torch.testing.assert_close(y.double(), expected, atol=1e-4, rtol=1e-4)
+    assert fusedrect.build_info()["compiled"]

@@ -1,0 +1,98 @@
+"""Ahead-of-time compilation of every Triton kernel, every config and every input dtype for sm_80 and sm_90,
+without a GPU, asserting that ptxas reports zero register spills."""
+import itertools
+import os
+import re
+import subprocess
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+
+triton = pytest.importorskip("triton", reason="triton is not installed (it ships with CUDA builds of torch)")
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+ARCHS = (80, 90)
+DTYPES = ("fp32", "fp16", "bf16", "fp64")
+DATA_POINTERS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr"}  # in the input dtype; the rest in the statistics dtype
+FLOAT_SCALARS = {"eps", "inv_m"}
+
+
+def variants():
+    """(kernel name, constexprs, num_warps, input dtype) for every kernel, config and dtype."""
+    from fusedrect.kernels import bn_act as K
+
+    def acc(dtype):
+        import triton.language as tl
+
+        return tl.float64 if dtype == "fp64" else tl.float32
+
+    prelu, relu = K.PRELU.value, K.RELU.value
+    for dtype in DTYPES:
+        for index_64, act in ((False, prelu), (True, prelu), (False, relu)):
+            common = dict(ACC=acc(dtype), INDEX_64=index_64)
+            warps = K.REDUCE_WARPS
+            yield "_stats_nchw_kernel", dict(common, BLOCK=K.REDUCE_BLOCK), warps, dtype
+            yield "_stats_cl_kernel", dict(common, BLOCK_R=K.REDUCE_BLOCK_R, BLOCK_C=K.REDUCE_BLOCK_C), warps, dtype
+            reduce = dict(common, ACT=act, AFFINE=True)
+            yield "_bwd_reduce_nchw_kernel", dict(reduce, BLOCK=K.REDUCE_BLOCK), warps, dtype
+            cl = dict(reduce, BLOCK_R=K.REDUCE_BLOCK_R, BLOCK_C=K.REDUCE_BLOCK_C)
+            yield "_bwd_reduce_cl_kernel", cl, warps, dtype
+        if dtype in ("fp32", "fp64"):  # these read only statistics-dtype buffers
+            yield "_stats_merge_kernel", dict(BLOCK_C=K.FINALIZE_BLOCK_C, ACC=acc(dtype)), 4, dtype
+            for act in (prelu, relu):
+                yield "_bwd_finalize_kernel", dict(ACT=act, BLOCK_C=K.FINALIZE_BLOCK_C, ACC=acc(dtype)), 4, dtype
+        for i, config in enumerate(K.ELEMENTWISE_CONFIGS):
+            for act, index_64 in ((prelu, False),) + (((relu, True),) if i == 0 else ()):
+                layout = dict(ACT=act, AFFINE=True, CHANNELS_LAST=bool(i % 2), ACC=acc(dtype), INDEX_64=index_64)
+                yield "_apply_kernel", dict(layout, **config.kwargs), config.num_warps, dtype
+                yield "_dx_kernel", dict(layout, BATCH_STATS=True, **config.kwargs), config.num_warps, dtype
+
+
+def signature(fn, constexprs, dtype):
+    stats = "fp64" if dtype == "fp64" else "fp32"
+    ints = "i64" if constexprs.get("INDEX_64") else "i32"
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + (dtype if name in DATA_POINTERS else stats)
+        else:
+            sig[name] = stats if name in FLOAT_SCALARS else ints
+    return sig
+
+
+def compile_and_count_spills(job):
+    """Compiles one variant for one arch; returns (description, spill bytes or an error message)."""
+    name, constexprs, num_warps, dtype, arch = job
+    from fusedrect.kernels import bn_act as K
+
+    fn = getattr(K, name)
+    label = f"{name} {dtype} sm_{arch} warps={num_warps} {constexprs}"
+    try:
+        kernel = triton.compile(ASTSource(fn, signature(fn, constexprs, dtype), constexprs),
+                                target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+        ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+            ptx.write(kernel.asm["ptx"])
+            ptx.flush()
+            log = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}{'a' if arch == 90 else ''}", ptx.name,
+                                  "-o", os.devnull], capture_output=True, text=True, check=True).stderr
+        spills = [int(b) for b in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
+        assert spills, log
+        return label, sum(spills)
+    except Exception as error:  # reported with the variant that failed
+        return label, f"{type(error).__name__}: {error}"
+
+
+def test_every_kernel_compiles_for_sm80_and_sm90_without_spills():
+    jobs = [(*v, arch) for v, arch in itertools.product(variants(), ARCHS)]
+    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        results = list(pool.map(compile_and_count_spills, jobs, chunksize=4))
+    failures = [f"{label}: {outcome}" for label, outcome in results if outcome != 0]
+    assert not failures, "\n".join(failures[:20])
+    assert {name for name, *_ in variants()} == {n for n in dir(__import__("fusedrect.kernels.bn_act",
+                                                                            fromlist=["x"])) if n.endswith("_kernel")}
