@@ -52,16 +52,21 @@ def _bn_act(input, running_mean, running_var, weight, bias, slope, training, mom
 
 def _update_running_stats(input, running_mean, running_var, mean, invstd, momentum, eps):
     """running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance M/(M-1) var.
-    An empty batch leaves them as they are (as nn.BatchNorm does)."""
+    An empty batch leaves them as they are (as nn.BatchNorm does). ``momentum`` may be a 0-dim tensor (the
+    modules' cumulative average), which keeps the update free of host synchronisation under torch.compile."""
     count = input.numel() // input.shape[1] if input.shape[1] else 0
     if count == 0:
         return
     with torch.no_grad():
         if running_mean is not None:
-            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            running_mean.lerp_(mean.to(running_mean.dtype), _weight(momentum, running_mean))
         if running_var is not None:
-            var = (invstd.double().pow(-2) - eps).clamp_min(0) * (count / (count - 1))
-            running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum)
+            var = (invstd.double().pow(-2) - eps).clamp_min_(0) * (count / (count - 1))
+            running_var.lerp_(var.to(running_var.dtype), _weight(momentum, running_var))
+
+
+def _weight(momentum, like):
+    return momentum.to(like.dtype) if isinstance(momentum, torch.Tensor) else momentum
 
 
 def _validate(input, running_mean, running_var, weight, bias, slope, training, momentum, eps):
@@ -78,7 +83,10 @@ def _validate(input, running_mean, running_var, weight, bias, slope, training, m
         _check_per_channel("slope", slope, input, (1,), (channels,))
     if not isinstance(eps, numbers.Real) or not eps >= 0:
         raise ValueError(f"eps: expected a non-negative number, got {eps!r}")
-    if not isinstance(momentum, numbers.Real) or not math.isfinite(momentum):
+    if isinstance(momentum, torch.Tensor):
+        if momentum.numel() != 1 or not momentum.is_floating_point():
+            raise ValueError(f"momentum: expected a number or a one-element float tensor, got {momentum!r}")
+    elif not isinstance(momentum, numbers.Real) or not math.isfinite(momentum):
         raise ValueError(f"momentum: expected a finite number, got {momentum!r}")
     if training:
         values = input.numel() // channels if channels else 0

@@ -64,12 +64,13 @@ class _FusedBNAct(nn.Module):
                 f"input: expected shape (N, {self.num_features}, ...) for {type(self).__name__}"
                 f"({self.num_features}), got {tuple(input.shape)}"
             )
-        # As nn.BatchNorm: momentum=None is a cumulative moving average over the batches tracked.
+        # As nn.BatchNorm: momentum=None is a cumulative moving average over the batches tracked (kept a
+        # tensor: reading the count back to Python would synchronise, and break torch.compile graphs).
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
+                factor = 1.0 / self.num_batches_tracked
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         keep_running = not self.training or self.track_running_stats
         return fn(

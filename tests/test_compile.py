@@ -1,0 +1,52 @@
+"""torch.compile(fullgraph=True) through the fused modules on CPU: no graph break, no recompilation across
+steps of the same shape, in training (forward + backward) and eval, with outputs equal to eager."""
+import copy
+
+import pytest
+import torch
+
+from conftest import ACTIVATIONS, LAYOUTS, fused_module, make_input
+
+
+def steps(model, inputs, train):
+    model.train(train)
+    outputs = []
+    for x in inputs:
+        x = x.detach().clone().requires_grad_(train)
+        y = model(x)
+        if train:
+            y.square().sum().backward()
+        outputs.append((y.detach(), x.grad))
+    return outputs
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fullgraph_without_recompiles(layout, activation, momentum):
+    torch._dynamo.reset()
+    eager = fused_module(6, activation, momentum=momentum)
+    compiled_module = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_module, fullgraph=True, backend="aot_eager")
+    inputs = [make_input((4, 6, 5, 5), layout, shift=float(i)) for i in range(3)]
+    for train in (True, False):
+        expected = steps(eager, inputs, train)
+        got = steps(compiled, inputs[:1], train)  # compiles
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            got += steps(compiled, inputs[1:], train)
+        for (y, dx), (y_ref, dx_ref) in zip(got, expected):
+            torch.testing.assert_close(y, y_ref)
+            if train:
+                torch.testing.assert_close(dx, dx_ref)
+    torch.testing.assert_close(compiled_module.running_var, eager.running_var)
+    assert int(compiled_module.num_batches_tracked) == int(eager.num_batches_tracked)
+
+
+def test_inductor_runs_the_fused_ops():
+    torch._dynamo.reset()
+    eager = fused_module(8, "prelu")
+    compiled = torch.compile(copy.deepcopy(eager), fullgraph=True)
+    x = make_input((4, 8, 6, 6), "channels_last")
+    for got, want in zip(steps(compiled, [x, x], True), steps(eager, [x, x], True)):
+        torch.testing.assert_close(got[0], want[0])
+        torch.testing.assert_close(got[1], want[1])
