@@ -150,13 +150,14 @@ def _stats_merge_kernel(part_mean_ptr, part_m2_ptr, mean_ptr, invstd_ptr, C, G, 
 
 
 @triton.jit
-def _channels_of(rows, cols, C, CHANNELS_LAST: tl.constexpr):
-    """The channel of each element of a (rows, cols) tile: its column (channels-last) or row modulo C (NCHW)."""
+def _channel_values(ptr, rows, cols, C, ROWS, COLS, stride, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr):
+    """A per-channel vector for a (rows, cols) tile: read once per column (channels-last: the column is the
+    channel) or once per row (NCHW: the channel is the row modulo C), then broadcast over the tile."""
     if CHANNELS_LAST:
-        ch = cols[None, :] + 0 * rows[:, None]
+        v = tl.load(ptr + cols * stride, mask=cols < COLS, other=0.0)[None, :]
     else:
-        ch = (rows % C)[:, None] + 0 * cols[None, :]
-    return ch
+        v = tl.load(ptr + (rows % C) * stride, mask=rows < ROWS, other=0.0)[:, None]
+    return tl.broadcast_to(v.to(ACC), (rows.shape[0], cols.shape[0]))
 
 
 @triton.jit
@@ -167,18 +168,18 @@ def _apply_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, slop
     rows = _block_start(tl.program_id(0), BLOCK_R, INDEX_64) + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     mask = (rows < ROWS)[:, None] & (cols < COLS)[None, :]
-    ch = _channels_of(rows, cols, C, CHANNELS_LAST)
-    scale = tl.load(invstd_ptr + ch, mask=mask, other=0.0)
+    scale = _channel_values(invstd_ptr, rows, cols, C, ROWS, COLS, 1, CHANNELS_LAST, ACC)
     shift = tl.zeros_like(scale)
     if AFFINE:
-        scale = scale * tl.load(weight_ptr + ch, mask=mask, other=0.0).to(ACC)
-        shift = tl.load(bias_ptr + ch, mask=mask, other=0.0).to(ACC)
+        scale = scale * _channel_values(weight_ptr, rows, cols, C, ROWS, COLS, 1, CHANNELS_LAST, ACC)
+        shift = _channel_values(bias_ptr, rows, cols, C, ROWS, COLS, 1, CHANNELS_LAST, ACC)
     a = tl.zeros_like(scale)
     if ACT == PRELU:
-        a = tl.load(slope_ptr + ch * slope_stride, mask=mask, other=0.0).to(ACC)
+        a = _channel_values(slope_ptr, rows, cols, C, ROWS, COLS, slope_stride, CHANNELS_LAST, ACC)
+    mean = _channel_values(mean_ptr, rows, cols, C, ROWS, COLS, 1, CHANNELS_LAST, ACC)
     offsets = rows[:, None] * COLS + cols[None, :]
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
-    z = (x - tl.load(mean_ptr + ch, mask=mask, other=0.0)) * scale + shift
+    z = (x - mean) * scale + shift
     tl.store(y_ptr + offsets, _activate(z, a, ACT).to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -192,23 +193,23 @@ def _dx_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr
     rows = _block_start(tl.program_id(0), BLOCK_R, INDEX_64) + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     mask = (rows < ROWS)[:, None] & (cols < COLS)[None, :]
-    ch = _channels_of(rows, cols, C, CHANNELS_LAST)
-    invstd = tl.load(invstd_ptr + ch, mask=mask, other=0.0)
+    invstd = _channel_values(invstd_ptr, rows, cols, C, ROWS, COLS, 1, CHANNELS_LAST, ACC)
     scale = invstd
     shift = tl.zeros_like(scale)
     if AFFINE:
-        scale = scale * tl.load(weight_ptr + ch, mask=mask, other=0.0).to(ACC)
-        shift = tl.load(bias_ptr + ch, mask=mask, other=0.0).to(ACC)
+        scale = scale * _channel_values(weight_ptr, rows, cols, C, ROWS, COLS, 1, CHANNELS_LAST, ACC)
+        shift = _channel_values(bias_ptr, rows, cols, C, ROWS, COLS, 1, CHANNELS_LAST, ACC)
     a = tl.zeros_like(scale)
     if ACT == PRELU:
-        a = tl.load(slope_ptr + ch * slope_stride, mask=mask, other=0.0).to(ACC)
+        a = _channel_values(slope_ptr, rows, cols, C, ROWS, COLS, slope_stride, CHANNELS_LAST, ACC)
     offsets = rows[:, None] * COLS + cols[None, :]
-    xc = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC) - tl.load(mean_ptr + ch, mask=mask, other=0.0)
+    mean = _channel_values(mean_ptr, rows, cols, C, ROWS, COLS, 1, CHANNELS_LAST, ACC)
+    xc = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC) - mean
     dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(ACC)
     dx = scale * _grad_z(xc * scale + shift, dy, a, ACT)
     if BATCH_STATS:
-        dgamma = tl.load(grad_weight_ptr + ch, mask=mask, other=0.0)
-        dbeta = tl.load(grad_bias_ptr + ch, mask=mask, other=0.0)
+        dgamma = _channel_values(grad_weight_ptr, rows, cols, C, ROWS, COLS, 1, CHANNELS_LAST, ACC)
+        dbeta = _channel_values(grad_bias_ptr, rows, cols, C, ROWS, COLS, 1, CHANNELS_LAST, ACC)
         dx = dx - scale * inv_m * (invstd * dgamma * xc + dbeta)
     tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
