@@ -161,14 +161,13 @@ def _channel_values(ptr, rows, cols, C, ROWS, COLS, stride, CHANNELS_LAST: tl.co
 
 
 @triton.jit
-def _apply_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, slope_ptr, slope_stride,
-                  C, ROWS, COLS, ROWS_CLASS,
-                  ACT: tl.constexpr, AFFINE: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
-                  INDEX_64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_COLS: tl.constexpr):
-    rows = _block_start(tl.program_id(0), BLOCK_R, INDEX_64) + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
-    mask = (rows < ROWS)[:, None] & (cols < COLS)[None, :]
-    scale = _channel_values(invstd_ptr, rows, cols, C, ROWS, COLS, 1, CHANNELS_LAST, ACC)
+def _tile_channel_params(mean_ptr, invstd_ptr, weight_ptr, bias_ptr, slope_ptr, slope_stride, rows, cols, C, ROWS,
+                         COLS, ACT: tl.constexpr, AFFINE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                         ACC: tl.constexpr):
+    """(mean, invstd, scale = gamma * invstd, shift = beta, slope) broadcast over a (rows, cols) tile."""
+    mean = _channel_values(mean_ptr, rows, cols, C, ROWS, COLS, 1, CHANNELS_LAST, ACC)
+    invstd = _channel_values(invstd_ptr, rows, cols, C, ROWS, COLS, 1, CHANNELS_LAST, ACC)
+    scale = invstd
     shift = tl.zeros_like(scale)
     if AFFINE:
         scale = scale * _channel_values(weight_ptr, rows, cols, C, ROWS, COLS, 1, CHANNELS_LAST, ACC)
@@ -176,7 +175,20 @@ def _apply_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, slop
     a = tl.zeros_like(scale)
     if ACT == PRELU:
         a = _channel_values(slope_ptr, rows, cols, C, ROWS, COLS, slope_stride, CHANNELS_LAST, ACC)
-    mean = _channel_values(mean_ptr, rows, cols, C, ROWS, COLS, 1, CHANNELS_LAST, ACC)
+    return mean, invstd, scale, shift, a
+
+
+@triton.jit
+def _apply_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, slope_ptr, slope_stride,
+                  C, ROWS, COLS, ROWS_CLASS,
+                  ACT: tl.constexpr, AFFINE: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
+                  INDEX_64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    rows = _block_start(tl.program_id(0), BLOCK_R, INDEX_64) + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    mask = (rows < ROWS)[:, None] & (cols < COLS)[None, :]
+    mean, _invstd, scale, shift, a = _tile_channel_params(
+        mean_ptr, invstd_ptr, weight_ptr, bias_ptr, slope_ptr, slope_stride, rows, cols, C, ROWS, COLS,
+        ACT, AFFINE, CHANNELS_LAST, ACC)
     offsets = rows[:, None] * COLS + cols[None, :]
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
     z = (x - mean) * scale + shift
@@ -193,17 +205,10 @@ def _dx_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr
     rows = _block_start(tl.program_id(0), BLOCK_R, INDEX_64) + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     mask = (rows < ROWS)[:, None] & (cols < COLS)[None, :]
-    invstd = _channel_values(invstd_ptr, rows, cols, C, ROWS, COLS, 1, CHANNELS_LAST, ACC)
-    scale = invstd
-    shift = tl.zeros_like(scale)
-    if AFFINE:
-        scale = scale * _channel_values(weight_ptr, rows, cols, C, ROWS, COLS, 1, CHANNELS_LAST, ACC)
-        shift = _channel_values(bias_ptr, rows, cols, C, ROWS, COLS, 1, CHANNELS_LAST, ACC)
-    a = tl.zeros_like(scale)
-    if ACT == PRELU:
-        a = _channel_values(slope_ptr, rows, cols, C, ROWS, COLS, slope_stride, CHANNELS_LAST, ACC)
+    mean, invstd, scale, shift, a = _tile_channel_params(
+        mean_ptr, invstd_ptr, weight_ptr, bias_ptr, slope_ptr, slope_stride, rows, cols, C, ROWS, COLS,
+        ACT, AFFINE, CHANNELS_LAST, ACC)
     offsets = rows[:, None] * COLS + cols[None, :]
-    mean = _channel_values(mean_ptr, rows, cols, C, ROWS, COLS, 1, CHANNELS_LAST, ACC)
     xc = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC) - mean
     dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(ACC)
     dx = scale * _grad_z(xc * scale + shift, dy, a, ACT)

@@ -38,22 +38,35 @@ Tensor per_channel(const std::optional<Tensor>& p, int64_t C, at::ScalarType dty
   return p->to(dtype).contiguous();
 }
 
+// The per-channel op arguments as contiguous tensors of the statistics dtype (undefined where absent),
+// after checking their shapes.
+struct ChannelArgs {
+  Tensor mean, invstd, weight, bias, slope;
+
+  ChannelArgs(int64_t C, at::ScalarType dtype, const std::optional<Tensor>& mean_,
+              const std::optional<Tensor>& invstd_, const std::optional<Tensor>& weight_,
+              const std::optional<Tensor>& bias_, const std::optional<Tensor>& slope_)
+      : mean(per_channel(mean_, C, dtype, "mean")),
+        invstd(per_channel(invstd_, C, dtype, "invstd")),
+        weight(per_channel(weight_, C, dtype, "weight")),
+        bias(per_channel(bias_, C, dtype, "bias")),
+        slope(per_channel(slope_, C, dtype, "slope", true)) {}
+};
+
 // The per-channel coefficients every pass reads, one row of C values each, in the statistics dtype.
 enum Row : int64_t { kMean, kScale, kBeta, kSlope, kA, kB, kD, kRows };
 
 template <typename T>
 class ChannelTable {
  public:
-  // mean, invstd: (C,) of T; weight, bias, slope: (C,) of T or undefined; a slope of 1 element is shared.
-  ChannelTable(int64_t C, const Tensor& mean, const Tensor& invstd, const Tensor& weight, const Tensor& bias,
-               const Tensor& slope)
-      : C_(C), data_(kRows * C) {
-    const T* mu = mean.const_data_ptr<T>();
-    const T* istd = invstd.const_data_ptr<T>();
-    const T* w = weight.defined() ? weight.const_data_ptr<T>() : nullptr;
-    const T* b = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
-    const T* a = slope.defined() ? slope.const_data_ptr<T>() : nullptr;
-    const bool shared = slope.defined() && slope.numel() == 1 && C != 1;
+  // args.mean and args.invstd must be defined; a slope of 1 element is shared by every channel.
+  ChannelTable(int64_t C, const ChannelArgs& args) : C_(C), data_(kRows * C) {
+    const T* mu = args.mean.const_data_ptr<T>();
+    const T* istd = args.invstd.const_data_ptr<T>();
+    const T* w = args.weight.defined() ? args.weight.const_data_ptr<T>() : nullptr;
+    const T* b = args.bias.defined() ? args.bias.const_data_ptr<T>() : nullptr;
+    const T* a = args.slope.defined() ? args.slope.const_data_ptr<T>() : nullptr;
+    const bool shared = args.slope.defined() && args.slope.numel() == 1 && C != 1;
     for (int64_t c = 0; c < C; ++c) {
       row(kMean)[c] = mu[c];
       row(kScale)[c] = (w ? w[c] : T(1)) * istd[c];
@@ -277,24 +290,22 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_fwd_train(const Tensor& input, const s
   const Geometry geo = geometry_of(input, "input");
   const auto sdtype = stats_dtype(input);
   const int64_t C = geo.C;
-  const Tensor w = per_channel(weight, C, sdtype, "weight");
-  const Tensor b = per_channel(bias, C, sdtype, "bias");
-  const Tensor a = per_channel(slope, C, sdtype, "slope", true);
+  ChannelArgs args(C, sdtype, std::nullopt, std::nullopt, weight, bias, slope);
   Tensor out = at::empty_like(input);
   if (geo.per_channel() == 0) {  // an empty batch: mean 0, var 0 (never used to update running statistics)
     return {out, at::zeros({C}, input.options().dtype(sdtype)),
             at::full({C}, 1.0 / std::sqrt(eps), input.options().dtype(sdtype))};
   }
-  Tensor mean = at::empty({C}, input.options().dtype(sdtype));
-  Tensor invstd = at::empty({C}, input.options().dtype(sdtype));
-  dispatch(input, a.defined(), [&](auto scalar, auto prelu) {
+  args.mean = at::empty({C}, input.options().dtype(sdtype));
+  args.invstd = at::empty({C}, input.options().dtype(sdtype));
+  dispatch(input, args.slope.defined(), [&](auto scalar, auto prelu) {
     using scalar_t = decltype(scalar);
-    batch_stats<scalar_t>(geo, input.const_data_ptr<scalar_t>(), eps, mean, invstd);
-    const ChannelTable<opmath_t<scalar_t>> table(C, mean, invstd, w, b, a);
+    batch_stats<scalar_t>(geo, input.const_data_ptr<scalar_t>(), eps, args.mean, args.invstd);
+    const ChannelTable<opmath_t<scalar_t>> table(C, args);
     apply_forward<scalar_t, decltype(prelu)::value>(geo, input.const_data_ptr<scalar_t>(), table,
                                                     out.mutable_data_ptr<scalar_t>());
   });
-  return {out, mean, invstd};
+  return {out, args.mean, args.invstd};
 }
 
 Tensor bn_act_fwd_eval(const Tensor& input, const Tensor& mean, const Tensor& invstd,
@@ -302,18 +313,13 @@ Tensor bn_act_fwd_eval(const Tensor& input, const Tensor& mean, const Tensor& in
                        const std::optional<Tensor>& slope) {
   check_floating(input, "input");
   const Geometry geo = geometry_of(input, "input");
-  const auto sdtype = stats_dtype(input);
   const int64_t C = geo.C;
-  const Tensor mu = per_channel(mean, C, sdtype, "mean");
-  const Tensor istd = per_channel(invstd, C, sdtype, "invstd");
-  const Tensor w = per_channel(weight, C, sdtype, "weight");
-  const Tensor b = per_channel(bias, C, sdtype, "bias");
-  const Tensor a = per_channel(slope, C, sdtype, "slope", true);
+  const ChannelArgs args(C, stats_dtype(input), mean, invstd, weight, bias, slope);
   Tensor out = at::empty_like(input);
   if (out.numel() == 0) return out;
-  dispatch(input, a.defined(), [&](auto scalar, auto prelu) {
+  dispatch(input, args.slope.defined(), [&](auto scalar, auto prelu) {
     using scalar_t = decltype(scalar);
-    const ChannelTable<opmath_t<scalar_t>> table(C, mu, istd, w, b, a);
+    const ChannelTable<opmath_t<scalar_t>> table(C, args);
     apply_forward<scalar_t, decltype(prelu)::value>(geo, input.const_data_ptr<scalar_t>(), table,
                                                     out.mutable_data_ptr<scalar_t>());
   });
@@ -332,23 +338,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_bwd(const Tensor& grad_out, co
               ", got ", grad_out.sizes(), " ", grad_out.scalar_type());
   TORCH_CHECK(geometry_of(grad_out, "grad_out").channels_last == geo.channels_last,
               "grad_out: expected the memory layout of input");
-  const auto sdtype = stats_dtype(input);
   const int64_t C = geo.C;
-  const Tensor mu = per_channel(mean, C, sdtype, "mean");
-  const Tensor istd = per_channel(invstd, C, sdtype, "invstd");
-  const Tensor w = per_channel(weight, C, sdtype, "weight");
-  const Tensor b = per_channel(bias, C, sdtype, "bias");
-  const Tensor a = per_channel(slope, C, sdtype, "slope", true);
+  const ChannelArgs args(C, stats_dtype(input), mean, invstd, weight, bias, slope);
   if (geo.per_channel() == 0) {
-    const auto options = mu.options();
+    const auto options = args.mean.options();
     return {at::empty_like(input), at::zeros({C}, options), at::zeros({C}, options),
-            at::zeros({a.defined() ? C : 0}, options)};
+            at::zeros({args.slope.defined() ? C : 0}, options)};
   }
   std::tuple<Tensor, Tensor, Tensor, Tensor> grads;
-  dispatch(input, a.defined(), [&](auto scalar, auto prelu) {
+  dispatch(input, args.slope.defined(), [&](auto scalar, auto prelu) {
     using scalar_t = decltype(scalar);
-    ChannelTable<opmath_t<scalar_t>> table(C, mu, istd, w, b, a);
-    grads = backward<scalar_t, decltype(prelu)::value>(geo, grad_out, input, istd, table, batch_stats);
+    ChannelTable<opmath_t<scalar_t>> table(C, args);
+    grads = backward<scalar_t, decltype(prelu)::value>(geo, grad_out, input, args.invstd, table, batch_stats);
   });
   return grads;
 }
