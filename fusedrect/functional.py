@@ -58,15 +58,16 @@ def _update_running_stats(input, running_mean, running_var, mean, invstd, moment
     if count == 0:
         return
     with torch.no_grad():
+        running, batch = [], []  # the buffers given, and their batch values
         if running_mean is not None:
-            running_mean.lerp_(mean.to(running_mean.dtype), _weight(momentum, running_mean))
+            running.append(running_mean)
+            batch.append(mean.to(running_mean.dtype))
         if running_var is not None:
-            var = (invstd.double().pow(-2) - eps).clamp_min_(0) * (count / (count - 1))
-            running_var.lerp_(var.to(running_var.dtype), _weight(momentum, running_var))
-
-
-def _weight(momentum, like):
-    return momentum.to(like.dtype) if isinstance(momentum, torch.Tensor) else momentum
+            var = invstd.pow(-2).sub_(eps).clamp_min_(0).mul_(count / (count - 1))
+            running.append(running_var)
+            batch.append(var.to(running_var.dtype))
+        for r, b in zip(running, batch):
+            r.lerp_(b, momentum.to(r.dtype) if isinstance(momentum, torch.Tensor) else momentum)
 
 
 def _validate(input, running_mean, running_var, weight, bias, slope, training, momentum, eps):
