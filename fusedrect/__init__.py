@@ -3,7 +3,8 @@
     from fusedrect import FusedBNPReLU
     layer = FusedBNPReLU(64)          # replaces nn.Sequential(nn.BatchNorm2d(64), nn.PReLU(64))
 """
-from fusedrect import functional, reference
+from fusedrect import functional, init, reference
+from fusedrect.convert import convert_model, revert_model
 from fusedrect.functional import bn_prelu, bn_relu
 from fusedrect.modules import FusedBNPReLU, FusedBNReLU
 from fusedrect.ops._backend import BACKENDS, build_info
@@ -17,6 +18,9 @@ __all__ = [
     "bn_prelu",
     "bn_relu",
     "build_info",
+    "convert_model",
     "functional",
+    "init",
     "reference",
+    "revert_model",
 ]

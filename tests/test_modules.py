@@ -188,3 +188,23 @@ def test_state_dict_without_num_batches_tracked_loads():
     state._metadata[""]["version"] = 1
     layer.load_state_dict(state)
     assert int(layer.num_batches_tracked) == 0
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_autocast_bfloat16_behaves_like_batchnorm(activation):
+    """Under CPU autocast: fp32 parameters and statistics, bf16 activations in and out, as nn.BatchNorm2d."""
+    conv = nn.Conv2d(3, 6, 3, padding=1)
+    fused = fused_module(6, activation)
+    pair = nn.Sequential(*torch_modules(6, 4, activation))
+    x = torch.randn(4, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = conv(x)
+        ours, theirs = fused(h), pair(h)
+    exact = nn.Sequential(*torch_modules(6, 4, activation, dtype=torch.float64))(h.double())
+    assert h.dtype == ours.dtype == theirs.dtype == torch.bfloat16
+    assert fused.running_mean.dtype == fused.weight.dtype == torch.float32
+    err = (ours.double() - exact).abs().max().item()
+    assert err <= 2 * (theirs.double() - exact).abs().max().item() + 1e-2
+    torch.testing.assert_close(fused.running_var, pair[0].running_var, atol=1e-3, rtol=1e-3)
+    ours.float().sum().backward()
+    assert fused.weight.grad.dtype == torch.float32 and conv.weight.grad is not None

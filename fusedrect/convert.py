@@ -1,0 +1,180 @@
+"""Swap BatchNorm -> ReLU/PReLU pairs of an existing model for the fused modules, and back.
+
+Two passes find the pairs:
+  1. ``nn.Sequential`` containers, structurally: a BatchNorm directly followed by a ReLU/PReLU becomes the
+     fused module followed by ``nn.Identity`` (indices, and with them state_dict keys, are kept). The model
+     keeps its class.
+  2. Every other pair, where the model's ``forward`` calls the modules one after another, through
+     ``torch.fx``: a BatchNorm node whose only user is a ReLU/PReLU (module, ``F.relu``, ``torch.relu`` or
+     ``.relu()``) is fused; the model then becomes a ``torch.fx.GraphModule``. A module that does not trace is
+     searched child by child, and reported.
+A BatchNorm whose output is also used elsewhere is never fused (its normalised output would be lost), nor is a
+PReLU module called at several places (its one slope would become several), nor a SyncBatchNorm.
+"""
+import copy
+import dataclasses
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from fusedrect.modules import FusedBNPReLU, FusedBNReLU, _FusedBNAct
+
+logger = logging.getLogger("fusedrect")
+
+_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, F.relu_)
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    """What convert_model did: fused pairs as (batchnorm path, activation path or call), and what it skipped."""
+
+    fused: list = dataclasses.field(default_factory=list)
+    skipped: list = dataclasses.field(default_factory=list)
+
+    def __str__(self):
+        lines = [f"fusedrect.convert_model: fused {len(self.fused)} BatchNorm+activation pair(s)"]
+        lines += [f"  fused   {bn} -> {act}" for bn, act in self.fused]
+        lines += [f"  skipped {where}: {why}" for where, why in self.skipped]
+        return "\n".join(lines)
+
+
+def convert_model(model, inplace=False):
+    """``model`` with its BatchNorm -> ReLU/PReLU pairs replaced by FusedBNReLU / FusedBNPReLU.
+
+    Parameters, running statistics, device, dtype and train/eval state are kept. ``inplace=False`` converts a
+    deep copy. The report of what was fused and skipped is logged (logger "fusedrect") and attached to the
+    result as ``fusedrect_report``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    model = model if inplace else copy.deepcopy(model)
+    report = ConversionReport()
+    _convert_sequentials(model, "", report)
+    model = _convert_traced(model, "", report)
+    logger.info("%s", report)
+    model.fusedrect_report = report
+    return model
+
+
+def revert_model(model):
+    """``model`` (changed in place) with every fused module replaced by its plain PyTorch equivalent: inside
+    ``nn.Sequential``, a fused module followed by ``nn.Identity`` gets its BatchNorm and activation back in
+    those two places; elsewhere it becomes ``nn.Sequential(BatchNorm, activation)``."""
+    for child in model.children():
+        if not isinstance(child, _FusedBNAct):
+            revert_model(child)
+    if isinstance(model, nn.Sequential):
+        names = list(model._modules)
+        for first, second in zip(names, names[1:]):
+            fused, placeholder = model._modules[first], model._modules[second]
+            if isinstance(fused, _FusedBNAct) and type(placeholder) is nn.Identity:
+                model._modules[first], model._modules[second] = fused.to_modules()
+    for name, child in list(model.named_children()):
+        if isinstance(child, _FusedBNAct):
+            setattr(model, name, child.to_modules())
+    return model
+
+
+def _is_batchnorm(module):
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, nn.SyncBatchNorm)
+
+
+def _fusable_activation(bn, act):
+    if isinstance(act, nn.ReLU):
+        return True
+    return isinstance(act, nn.PReLU) and act.num_parameters in (1, bn.num_features)
+
+
+def _fuse(bn, act):
+    return FusedBNReLU.from_modules(bn, act) if isinstance(act, nn.ReLU) else FusedBNPReLU.from_modules(bn, act)
+
+
+def _join(prefix, name):
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _convert_sequentials(module, path, report):
+    for name, child in module.named_children():
+        _convert_sequentials(child, _join(path, name), report)
+    if not isinstance(module, nn.Sequential):
+        return
+    names = list(module._modules)
+    for first, second in zip(names, names[1:]):
+        bn, act = module._modules[first], module._modules[second]
+        if _is_batchnorm(bn) and _fusable_activation(bn, act):
+            module._modules[first] = _fuse(bn, act)
+            module._modules[second] = nn.Identity()
+            report.fused.append((_join(path, first), _join(path, second)))
+
+
+def _convert_traced(module, path, report):
+    """Fuses the pairs fx finds in ``module``; returns the module, or a GraphModule when something was fused."""
+    if isinstance(module, (_FusedBNAct, nn.Sequential)) or not any(_is_batchnorm(m) for m in module.modules()):
+        for name, child in module.named_children():
+            setattr(module, name, _convert_traced(child, _join(path, name), report))
+        return module
+    try:
+        graph_module = fx.symbolic_trace(module)
+    except Exception as error:  # dynamic control flow and the like: try the children one by one
+        report.skipped.append((path or type(module).__name__, f"does not trace ({type(error).__name__}); "
+                                                               "searched child by child"))
+        for name, child in module.named_children():
+            setattr(module, name, _convert_traced(child, _join(path, name), report))
+        return module
+    if not _fuse_graph(graph_module, path, report):
+        return module
+    graph_module.train(module.training)
+    return graph_module
+
+
+def _activation_of(node, modules):
+    """The nn.ReLU/PReLU module that ``node`` applies (a new nn.ReLU for a functional relu), else None."""
+    if node.op == "call_module" and isinstance(modules.get(node.target), (nn.ReLU, nn.PReLU)):
+        return modules[node.target]
+    if (node.op == "call_function" and node.target in _RELU_FUNCTIONS) or (
+            node.op == "call_method" and node.target in ("relu", "relu_")):
+        return nn.ReLU()
+    return None
+
+
+def _fuse_graph(graph_module, path, report):
+    modules = dict(graph_module.named_modules())
+    calls = {}
+    for node in graph_module.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    fused_any = False
+    for node in list(graph_module.graph.nodes):
+        if node.op != "call_module" or not _is_batchnorm(modules.get(node.target)):
+            continue
+        bn = modules[node.target]
+        users = list(node.users)
+        act_node = users[0] if len(users) == 1 else None
+        act = _activation_of(act_node, modules) if act_node is not None else None
+        where = _join(path, node.target)
+        if act is None:
+            if any(_activation_of(u, modules) is not None for u in users):
+                report.skipped.append((where, "its output is also used elsewhere"))
+            continue
+        if calls[node.target] > 1:
+            report.skipped.append((where, "the BatchNorm module is called at several places"))
+            continue
+        if isinstance(act, nn.PReLU) and calls[act_node.target] > 1:
+            report.skipped.append((where, f"the PReLU {act_node.target} is called at several places"))
+            continue
+        if not _fusable_activation(bn, act):
+            report.skipped.append((where, f"PReLU with {act.num_parameters} slopes for {bn.num_features} channels"))
+            continue
+        parent, _, name = node.target.rpartition(".")
+        setattr(graph_module.get_submodule(parent) if parent else graph_module, name, _fuse(bn, act))
+        act_node.replace_all_uses_with(node)
+        graph_module.graph.erase_node(act_node)
+        report.fused.append((where, _join(path, act_node.target if act_node.op == "call_module" else act_node.name)))
+        fused_any = True
+    if fused_any:
+        graph_module.graph.lint()
+        graph_module.recompile()
+        graph_module.delete_all_unused_submodules()
+    return fused_any

@@ -1,0 +1,225 @@
+"""convert_model / revert_model on models defined here: a torchvision-style ResNet (a ReLU module reused at
+several places), a pre-activation ResNet, an iresnet-style face-recognition block, Sequential stacks, a BN whose
+output is used twice, functional relu calls, and a model that does not trace."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+import fusedrect
+from fusedrect.modules import FusedBNPReLU, FusedBNReLU
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock: one ReLU module used after bn1 and after the residual addition."""
+
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = nn.Sequential(BasicBlock(8, 8), BasicBlock(8, 16, 2))
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.layer1(self.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class PreActBlock(nn.Module):
+    """Full pre-activation unit (He et al. 2016): BN -> ReLU -> conv, twice, plus the identity."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(c), nn.Conv2d(c, c, 3, 1, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(c), nn.Conv2d(c, c, 3, 1, 1, bias=False)
+
+    def forward(self, x):
+        out = self.conv1(F.relu(self.bn1(x)))
+        out = self.conv2(torch.relu(self.bn2(out)))
+        return x + out
+
+
+class IResBlock(nn.Module):
+    """iresnet (ArcFace) block: BN -> conv -> BN -> PReLU -> conv -> BN, plus the shortcut."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv1 = nn.Conv2d(c, c, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.prelu = nn.PReLU(c)
+        self.conv2 = nn.Conv2d(c, c, 3, 1, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        out = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
+        return out + x
+
+
+class SharedOutput(nn.Module):
+    """bn's output feeds the ReLU and the sum: fusing would lose the normalised tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        z = self.bn(x)
+        return self.act(z) + z
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow: does not trace, so its bn -> act pair stays (and is reported); its
+    Sequential child still converts."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.PReLU(1))
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        x = self.act(self.bn(x))
+        if x.sum() > 0:
+            return self.body(x)
+        return -self.body(x)
+
+
+def randomize_state(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2)
+            if isinstance(m, nn.PReLU):
+                m.weight.uniform_(0.05, 0.5)
+    return model
+
+
+def assert_same_training_step(original, converted, x):
+    for model in (original, converted):
+        model.zero_grad()
+    outs = []
+    for model in (original, converted):
+        xi = x.clone().requires_grad_()
+        y = model(xi)
+        y.square().mean().backward()
+        outs.append((y, xi.grad, {n: p.grad for n, p in model.named_parameters()}))
+    torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(outs[1][1], outs[0][1], atol=1e-4, rtol=1e-4)
+
+
+def count(model, cls):
+    return sum(isinstance(m, cls) for m in model.modules())
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(
+    "factory, shape, fused_relu, fused_prelu",
+    [
+        (ResNet, (4, 3, 8, 8), 3, 0),  # stem bn1 and each block's bn1; bn2 feeds the addition
+        (lambda: nn.Sequential(PreActBlock(6), PreActBlock(6)), (2, 6, 5, 5), 4, 0),
+        (lambda: IResBlock(6), (2, 6, 5, 5), 0, 1),
+        (lambda: nn.Sequential(nn.BatchNorm1d(5), nn.PReLU(5), nn.Linear(5, 5), nn.BatchNorm1d(5), nn.ReLU()),
+         (8, 5), 1, 1),
+    ],
+    ids=["resnet", "preact", "iresnet", "sequential"],
+)
+def test_convert_keeps_outputs_and_gradients(factory, shape, fused_relu, fused_prelu, train):
+    original = randomize_state(factory()).train(train)
+    converted = fusedrect.convert_model(original)
+    assert count(converted, FusedBNReLU) == fused_relu and count(converted, FusedBNPReLU) == fused_prelu
+    assert len(converted.fusedrect_report.fused) == fused_relu + fused_prelu
+    assert converted.training == train
+    x = torch.randn(shape)
+    assert_same_training_step(original, converted, x)
+    if train:  # running statistics were updated alike
+        bns = [m for m in original.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        fused = [m for m in converted.modules() if isinstance(m, (FusedBNReLU, FusedBNPReLU))]
+        assert {round(float(m.running_var.sum()), 4) for m in fused} <= {
+            round(float(m.running_var.sum()), 4) for m in bns}
+
+
+def test_convert_keeps_dtype_and_reverts():
+    original = randomize_state(IResBlock(4)).double()
+    converted = fusedrect.convert_model(original)
+    fused = next(m for m in converted.modules() if isinstance(m, FusedBNPReLU))
+    assert fused.weight.dtype == torch.float64
+    reverted = fusedrect.revert_model(copy.deepcopy(converted))
+    assert count(reverted, FusedBNPReLU) == 0 and count(reverted, nn.PReLU) == 1
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(reverted.eval()(x), original.eval()(x))
+
+
+def test_sequential_conversion_keeps_class_and_state_dict_keys():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1))
+    keys = set(model.state_dict())
+    converted = fusedrect.convert_model(model)
+    assert type(converted) is nn.Sequential and isinstance(converted[1], FusedBNReLU)
+    assert set(converted.state_dict()) == keys
+    reverted = fusedrect.revert_model(converted)
+    assert [type(m) for m in reverted] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Conv2d]
+
+
+def test_bn_output_used_elsewhere_is_not_fused():
+    converted = fusedrect.convert_model(SharedOutput())
+    assert count(converted, FusedBNReLU) == 0
+    assert any("also used elsewhere" in why for _, why in converted.fusedrect_report.skipped)
+
+
+def test_untraceable_model_is_searched_child_by_child():
+    original = randomize_state(Untraceable())
+    converted = fusedrect.convert_model(original)
+    assert count(converted, FusedBNPReLU) == 1 and count(converted, FusedBNReLU) == 0
+    assert any("does not trace" in why for _, why in converted.fusedrect_report.skipped)
+    x = torch.randn(2, 4, 3, 3)
+    assert_same_training_step(original, converted, x)
+
+
+def test_inplace_converts_the_given_model():
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU())
+    assert fusedrect.convert_model(model, inplace=True) is model and isinstance(model[0], FusedBNReLU)
+    with pytest.raises(TypeError, match="model: expected an nn.Module"):
+        fusedrect.convert_model(lambda x: x)
+
+
+def test_report_is_logged(caplog):
+    with caplog.at_level("INFO", logger="fusedrect"):
+        fusedrect.convert_model(ResNet())
+    assert "fused 3 BatchNorm+activation pair(s)" in caplog.text
+
+
+def test_converted_graph_module_compiles_fullgraph():
+    torch._dynamo.reset()
+    converted = fusedrect.convert_model(randomize_state(ResNet()))
+    assert isinstance(converted, fx.GraphModule)
+    compiled = torch.compile(converted, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 8, 8)
+    compiled(x).sum().backward()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled(x).sum().backward()
