@@ -92,6 +92,7 @@ def step(module, mode, x, grad):
                 module(x)
         else:
             def run():
+                x.grad = None  # no accumulation pass into an existing gradient
                 module(x).backward(grad)
     return run
 

@@ -4,10 +4,10 @@ Two passes find the pairs:
   1. ``nn.Sequential`` containers, structurally: a BatchNorm directly followed by a ReLU/PReLU becomes the
      fused module followed by ``nn.Identity`` (indices, and with them state_dict keys, are kept). The model
      keeps its class.
-  2. Every other pair, where the model's ``forward`` calls the modules one after another, through
-     ``torch.fx``: a BatchNorm node whose only user is a ReLU/PReLU (module, ``F.relu``, ``torch.relu`` or
-     ``.relu()``) is fused; the model then becomes a ``torch.fx.GraphModule``. A module that does not trace is
-     searched child by child, and reported.
+  2. Every other pair, where the model's ``forward`` calls the modules one after another, found by tracing
+     with ``torch.fx``: a BatchNorm node whose only user is a ReLU/PReLU (module, ``F.relu``, ``torch.relu`` or
+     ``.relu()``). The model is patched in place (no GraphModule: it keeps its class, methods and state). A
+     module that does not trace is searched child by child, and reported.
 A BatchNorm whose output is also used elsewhere is never fused (its normalised output would be lost), nor is a
 PReLU module called at several places (its one slope would become several), nor a SyncBatchNorm.
 """
@@ -52,7 +52,7 @@ def convert_model(model, inplace=False):
     model = model if inplace else copy.deepcopy(model)
     report = ConversionReport()
     _convert_sequentials(model, "", report)
-    model = _convert_traced(model, "", report)
+    _convert_traced(model, "", report)
     logger.info("%s", report)
     model.fusedrect_report = report
     return model
@@ -109,28 +109,34 @@ def _convert_sequentials(module, path, report):
             report.fused.append((_join(path, first), _join(path, second)))
 
 
+class _Tracer(fx.Tracer):
+    """Traces through containers but stops at BatchNorm, activation and fused modules."""
+
+    def is_leaf_module(self, module, qualified_name):
+        return isinstance(module, (_FusedBNAct, nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.PReLU)) or (
+            super().is_leaf_module(module, qualified_name))
+
+
 def _convert_traced(module, path, report):
-    """Fuses the pairs fx finds in ``module``; returns the module, or a GraphModule when something was fused."""
-    if isinstance(module, (_FusedBNAct, nn.Sequential)) or not any(_is_batchnorm(m) for m in module.modules()):
-        for name, child in module.named_children():
-            setattr(module, name, _convert_traced(child, _join(path, name), report))
-        return module
+    """Fuses the pairs that ``module.forward`` calls one after another, patching ``module`` in place (it keeps its
+    class, methods and other state): the BatchNorm becomes the fused module and an activation module called
+    only there becomes nn.Identity. A ReLU also called elsewhere (or a functional relu) stays in the code: applied
+    to the fused output it changes nothing."""
+    if not any(_is_batchnorm(m) for m in module.modules()) or not list(module.children()):
+        return
     try:
-        graph_module = fx.symbolic_trace(module)
+        graph = _Tracer().trace(module)
     except Exception as error:  # dynamic control flow and the like: try the children one by one
         report.skipped.append((path or type(module).__name__, f"does not trace ({type(error).__name__}); "
                                                                "searched child by child"))
         for name, child in module.named_children():
-            setattr(module, name, _convert_traced(child, _join(path, name), report))
-        return module
-    if not _fuse_graph(graph_module, path, report):
-        return module
-    graph_module.train(module.training)
-    return graph_module
+            _convert_traced(child, _join(path, name), report)
+        return
+    _fuse_graph(module, graph, path, report)
 
 
 def _activation_of(node, modules):
-    """The nn.ReLU/PReLU module that ``node`` applies (a new nn.ReLU for a functional relu), else None."""
+    """The nn.ReLU/PReLU module that ``node`` applies, nn.ReLU() for a functional relu, else None."""
     if node.op == "call_module" and isinstance(modules.get(node.target), (nn.ReLU, nn.PReLU)):
         return modules[node.target]
     if (node.op == "call_function" and node.target in _RELU_FUNCTIONS) or (
@@ -139,42 +145,39 @@ def _activation_of(node, modules):
     return None
 
 
-def _fuse_graph(graph_module, path, report):
-    modules = dict(graph_module.named_modules())
+def _replace(module, target, new):
+    parent, _, name = target.rpartition(".")
+    setattr(module.get_submodule(parent) if parent else module, name, new)
+
+
+def _fuse_graph(module, graph, path, report):
+    modules = dict(module.named_modules())
     calls = {}
-    for node in graph_module.graph.nodes:
+    for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
-    fused_any = False
-    for node in list(graph_module.graph.nodes):
+    for node in graph.nodes:
         if node.op != "call_module" or not _is_batchnorm(modules.get(node.target)):
             continue
         bn = modules[node.target]
         users = list(node.users)
-        act_node = users[0] if len(users) == 1 else None
-        act = _activation_of(act_node, modules) if act_node is not None else None
+        act = _activation_of(users[0], modules) if len(users) == 1 else None
         where = _join(path, node.target)
         if act is None:
             if any(_activation_of(u, modules) is not None for u in users):
                 report.skipped.append((where, "its output is also used elsewhere"))
             continue
+        act_node = users[0]
+        act_calls = calls.get(act_node.target, 0) if act_node.op == "call_module" else 0
         if calls[node.target] > 1:
             report.skipped.append((where, "the BatchNorm module is called at several places"))
-            continue
-        if isinstance(act, nn.PReLU) and calls[act_node.target] > 1:
+        elif isinstance(act, nn.PReLU) and act_calls > 1:
             report.skipped.append((where, f"the PReLU {act_node.target} is called at several places"))
-            continue
-        if not _fusable_activation(bn, act):
+        elif not _fusable_activation(bn, act):
             report.skipped.append((where, f"PReLU with {act.num_parameters} slopes for {bn.num_features} channels"))
-            continue
-        parent, _, name = node.target.rpartition(".")
-        setattr(graph_module.get_submodule(parent) if parent else graph_module, name, _fuse(bn, act))
-        act_node.replace_all_uses_with(node)
-        graph_module.graph.erase_node(act_node)
-        report.fused.append((where, _join(path, act_node.target if act_node.op == "call_module" else act_node.name)))
-        fused_any = True
-    if fused_any:
-        graph_module.graph.lint()
-        graph_module.recompile()
-        graph_module.delete_all_unused_submodules()
-    return fused_any
+        else:
+            _replace(module, node.target, _fuse(bn, act))
+            if act_calls == 1:
+                _replace(module, act_node.target, nn.Identity())
+            report.fused.append((where, _join(path, act_node.target if act_node.op == "call_module"
+                                               else act_node.name)))

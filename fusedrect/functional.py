@@ -20,7 +20,8 @@ def bn_prelu(
 ):
     """BatchNorm over dim 1 followed by PReLU with ``slope`` of shape ``(1,)`` (shared) or ``(C,)``.
 
-    ``backend``: ``"auto"``, ``"cpp"`` or ``"reference"`` (default: ``$FUSEDRECT_BACKEND``, else auto).
+    ``backend``: ``"auto"``, ``"cpp"``, ``"triton"`` or ``"reference"`` (default: ``$FUSEDRECT_BACKEND``, else
+    auto); see fusedrect.ops._backend.
     """
     if slope is None:
         raise TypeError("slope: bn_prelu needs a tensor of shape (1,) or (C,); use bn_relu for ReLU")
@@ -84,6 +85,8 @@ def _validate(input, running_mean, running_var, weight, bias, slope, training, m
         _check_per_channel("slope", slope, input, (1,), (channels,))
     if not isinstance(eps, numbers.Real) or not eps >= 0:
         raise ValueError(f"eps: expected a non-negative number, got {eps!r}")
+    if training and eps == 0:
+        raise ValueError("eps: must be positive during training (as torch.batch_norm), got 0")
     if isinstance(momentum, torch.Tensor):
         if momentum.numel() != 1 or not momentum.is_floating_point():
             raise ValueError(f"momentum: expected a number or a one-element float tensor, got {momentum!r}")

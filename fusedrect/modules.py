@@ -117,13 +117,13 @@ class _FusedBNAct(nn.Module):
         return {"device": tensor.device, "dtype": tensor.dtype if tensor.is_floating_point() else None}
 
     @staticmethod
-    def _bn_kwargs(bn):
+    def _bn_kwargs(bn, act):
+        """The constructor arguments of the fused equivalent of ``bn`` then ``act``; device and dtype from the
+        first tensor either holds."""
         if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
             raise TypeError(f"bn: expected an nn.BatchNorm1d/2d/3d module, got {type(bn).__name__}")
-        source = next(iter(bn.parameters()), None)
-        if source is None:
-            source = bn.running_mean
-        factory = {} if source is None else {"device": source.device, "dtype": source.dtype}
+        tensors = [*bn.parameters(), *(t for t in bn.buffers() if t.is_floating_point()), *act.parameters()]
+        factory = {"device": tensors[0].device, "dtype": tensors[0].dtype} if tensors else {}
         return {
             "num_features": bn.num_features, "eps": bn.eps, "momentum": bn.momentum, "affine": bn.affine,
             "track_running_stats": bn.track_running_stats, **factory,
@@ -169,7 +169,7 @@ class FusedBNPReLU(_FusedBNAct):
         """The fused equivalent of ``bn`` followed by the ``nn.PReLU`` ``act`` (parameters copied)."""
         if not isinstance(act, nn.PReLU):
             raise TypeError(f"act: expected an nn.PReLU module, got {type(act).__name__}")
-        kwargs = cls._bn_kwargs(bn)
+        kwargs = cls._bn_kwargs(bn, act)
         if act.num_parameters not in (1, bn.num_features):
             raise ValueError(f"act: expected num_parameters 1 or {bn.num_features}, got {act.num_parameters}")
         fused = cls(**kwargs, num_parameters=act.num_parameters, init=act.init)
@@ -211,7 +211,7 @@ class FusedBNReLU(_FusedBNAct):
         """The fused equivalent of ``bn`` followed by the ``nn.ReLU`` ``act`` (parameters copied)."""
         if not isinstance(act, nn.ReLU):
             raise TypeError(f"act: expected an nn.ReLU module, got {type(act).__name__}")
-        return cls(**cls._bn_kwargs(bn))._load_bn(bn)
+        return cls(**cls._bn_kwargs(bn, act))._load_bn(bn)
 
     def to_modules(self, batchnorm_cls=None):
         """``nn.Sequential(BatchNorm, nn.ReLU)`` computing the same function (for export and deployment)."""

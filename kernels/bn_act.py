@@ -18,6 +18,7 @@ reduction split depends only on the shape and is never autotuned (that would cha
 the elementwise kernels are autotuned, keyed on the shape class, and use a heuristic config where autotuning
 cannot run (the interpreter).
 """
+import functools
 import os
 
 import torch
@@ -128,6 +129,14 @@ def _stats_cl_kernel(x_ptr, part_mean_ptr, part_m2_ptr, C, R, ITERS,
 
 
 @triton.jit
+def _rsqrt_rounded(v, ACC: tl.constexpr):
+    """1 / sqrt(v), correctly rounded (Triton's fp32 sqrt and division are approximate by default)."""
+    if ACC == tl.float32:
+        return tl.math.div_rn(tl.zeros_like(v) + 1.0, tl.math.sqrt_rn(v))
+    return 1.0 / tl.sqrt(v)
+
+
+@triton.jit
 def _stats_merge_kernel(part_mean_ptr, part_m2_ptr, mean_ptr, invstd_ptr, C, G, CHUNK, M, eps,
                         BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     # Partial g holds min(CHUNK, M - g * CHUNK) elements of every channel; merged in order g = 0, 1, ...
@@ -137,16 +146,27 @@ def _stats_merge_kernel(part_mean_ptr, part_m2_ptr, mean_ptr, invstd_ptr, C, G, 
     mean = tl.zeros((BLOCK_C,), ACC)
     m2 = tl.zeros((BLOCK_C,), ACC)
     for g in range(G):
-        b_count = tl.minimum(CHUNK, M - g * CHUNK).to(ACC)
+        b_count = tl.minimum(CHUNK, M - tl.cast(g, tl.int64) * CHUNK).to(ACC)
         b_mean = tl.load(part_mean_ptr + g * C + cols, mask=col_mask, other=0.0)
         b_m2 = tl.load(part_m2_ptr + g * C + cols, mask=col_mask, other=0.0)
         count, mean, m2 = _chan_merge(count, mean, m2, b_count, b_mean, b_m2)
     tl.store(mean_ptr + cols, mean, mask=col_mask)
-    tl.store(invstd_ptr + cols, 1.0 / tl.sqrt(m2 / M + eps), mask=col_mask)
+    tl.store(invstd_ptr + cols, _rsqrt_rounded(m2 / M + eps, ACC), mask=col_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Elementwise passes over the (ROWS, COLS) view: forward apply and backward dx
+
+
+@triton.jit
+def _tile(ROWS, COLS, BLOCK_R: tl.constexpr, BLOCK_COLS: tl.constexpr, INDEX_64: tl.constexpr):
+    """Rows, columns and mask of this program's tile. The grid is 1-D (a 2-D grid would hit CUDA's limit of
+    65535 on its second axis for large spatial sizes); column blocks vary fastest."""
+    col_blocks = tl.cdiv(COLS, BLOCK_COLS)
+    pid = tl.program_id(0)
+    rows = _block_start(pid // col_blocks, BLOCK_R, INDEX_64) + tl.arange(0, BLOCK_R)
+    cols = (pid % col_blocks) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    return rows, cols, (rows < ROWS)[:, None] & (cols < COLS)[None, :]
 
 
 @triton.jit
@@ -183,9 +203,7 @@ def _apply_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, slop
                   C, ROWS, COLS, ROWS_CLASS,
                   ACT: tl.constexpr, AFFINE: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
                   INDEX_64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_COLS: tl.constexpr):
-    rows = _block_start(tl.program_id(0), BLOCK_R, INDEX_64) + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
-    mask = (rows < ROWS)[:, None] & (cols < COLS)[None, :]
+    rows, cols, mask = _tile(ROWS, COLS, BLOCK_R, BLOCK_COLS, INDEX_64)
     mean, _invstd, scale, shift, a = _tile_channel_params(
         mean_ptr, invstd_ptr, weight_ptr, bias_ptr, slope_ptr, slope_stride, rows, cols, C, ROWS, COLS,
         ACT, AFFINE, CHANNELS_LAST, ACC)
@@ -197,14 +215,12 @@ def _apply_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, slop
 
 @triton.jit
 def _dx_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, slope_ptr, slope_stride,
-               grad_weight_ptr, grad_bias_ptr, inv_m, C, ROWS, COLS, ROWS_CLASS,
+               grad_weight_ptr, grad_bias_ptr, M, C, ROWS, COLS, ROWS_CLASS,
                ACT: tl.constexpr, AFFINE: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
                INDEX_64: tl.constexpr, BATCH_STATS: tl.constexpr,
                BLOCK_R: tl.constexpr, BLOCK_COLS: tl.constexpr):
     # dx = A * dz + B * (x - mean) + D,  A = gamma * invstd,  B = -A * invstd * dgamma / M,  D = -A * dbeta / M
-    rows = _block_start(tl.program_id(0), BLOCK_R, INDEX_64) + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
-    mask = (rows < ROWS)[:, None] & (cols < COLS)[None, :]
+    rows, cols, mask = _tile(ROWS, COLS, BLOCK_R, BLOCK_COLS, INDEX_64)
     mean, invstd, scale, shift, a = _tile_channel_params(
         mean_ptr, invstd_ptr, weight_ptr, bias_ptr, slope_ptr, slope_stride, rows, cols, C, ROWS, COLS,
         ACT, AFFINE, CHANNELS_LAST, ACC)
@@ -215,7 +231,7 @@ def _dx_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr
     if BATCH_STATS:
         dgamma = _channel_values(grad_weight_ptr, rows, cols, C, ROWS, COLS, 1, CHANNELS_LAST, ACC)
         dbeta = _channel_values(grad_bias_ptr, rows, cols, C, ROWS, COLS, 1, CHANNELS_LAST, ACC)
-        dx = dx - scale * inv_m * (invstd * dgamma * xc + dbeta)
+        dx = dx - scale / tl.cast(M, ACC) * (invstd * dgamma * xc + dbeta)
     tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -376,12 +392,12 @@ def _elementwise_launch(kernel_jit, kernel_tuned, geo, args, constexprs):
     if INTERPRET:
         block_cols = min(2048, triton.next_power_of_2(max(1, geo.cols)))
         block_r = max(1, min(64, 2048 // block_cols))
-        grid = (triton.cdiv(geo.rows, block_r), triton.cdiv(geo.cols, block_cols))
+        grid = (triton.cdiv(geo.rows, block_r) * triton.cdiv(geo.cols, block_cols),)
         kernel_jit[grid](*args, *grid_rows_cols, rows_class, **constexprs, BLOCK_R=block_r, BLOCK_COLS=block_cols)
         return
 
     def grid(meta):
-        return (triton.cdiv(geo.rows, meta["BLOCK_R"]), triton.cdiv(geo.cols, meta["BLOCK_COLS"]))
+        return (triton.cdiv(geo.rows, meta["BLOCK_R"]) * triton.cdiv(geo.cols, meta["BLOCK_COLS"]),)
 
     kernel_tuned[grid](*args, *grid_rows_cols, rows_class, **constexprs)
 
@@ -405,6 +421,21 @@ def _slope_args(slope):
     return slope.contiguous(), 0 if slope.numel() == 1 else 1, PRELU.value
 
 
+def _on_device(launcher):
+    """Runs ``launcher`` with its input's CUDA device current: Triton launches on the current device and stream."""
+
+    @functools.wraps(launcher)
+    def launch(*args):
+        x = args[0] if launcher.__name__ != "bn_act_bwd" else args[1]
+        if x.device.type != "cuda":
+            return launcher(*args)
+        with torch.cuda.device(x.device):
+            return launcher(*args)
+
+    return launch
+
+
+@_on_device
 def bn_act_fwd_train(x, weight, bias, slope, eps):
     """Training forward: (y, mean, invstd) with fp32 (fp64 for fp64 input) statistics."""
     geo = _Geometry(x)
@@ -433,6 +464,7 @@ def bn_act_fwd_train(x, weight, bias, slope, eps):
     return y, mean, invstd
 
 
+@_on_device
 def bn_act_fwd_eval(x, mean, invstd, weight, bias, slope):
     """Forward with the given per-channel statistics."""
     geo = _Geometry(x)
@@ -452,6 +484,7 @@ def _apply(x, y, mean, invstd, weight, bias, slope, geo):
         dict(ACT=act, AFFINE=affine, CHANNELS_LAST=geo.channels_last, ACC=_acc(x), INDEX_64=geo.index_64))
 
 
+@_on_device
 def bn_act_bwd(grad_out, x, mean, invstd, weight, bias, slope, batch_stats):
     """Backward: (grad_input, grad_weight, grad_bias, grad_slope); per-channel gradients in the statistics
     dtype, grad_slope per channel ((0,) for ReLU)."""
@@ -486,7 +519,7 @@ def bn_act_bwd(grad_out, x, mean, invstd, weight, bias, slope, batch_stats):
     _elementwise_launch(
         _dx_kernel, _dx_tuned, geo,
         (grad_out, x, grad_input, mean, invstd, weight, bias, slope, slope_stride, grad_weight, grad_bias,
-         1.0 / geo.M, geo.C),
+         geo.M, geo.C),
         dict(ACT=act, AFFINE=affine, CHANNELS_LAST=geo.channels_last, ACC=acc, INDEX_64=geo.index_64,
              BATCH_STATS=batch_stats))
     return grad_input, grad_weight, grad_bias, grad_slope

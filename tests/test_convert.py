@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
 import fusedrect
 from fusedrect.modules import FusedBNPReLU, FusedBNReLU
@@ -214,10 +214,40 @@ def test_report_is_logged(caplog):
     assert "fused 3 BatchNorm+activation pair(s)" in caplog.text
 
 
-def test_converted_graph_module_compiles_fullgraph():
+class Mixed(nn.Module):
+    """A Sequential stem, a forward-called pair, a frozen BatchNorm, and state that forward does not use."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.PReLU(4)
+        self.frozen = nn.BatchNorm2d(4)
+        self.aux = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.frozen(self.act(self.bn(self.stem(x))))
+
+    def head(self, x):
+        return self.aux(x.mean((2, 3)))
+
+
+def test_convert_patches_in_place_and_keeps_everything_else():
+    original = randomize_state(Mixed()).train()
+    original.frozen.eval()
+    converted = fusedrect.convert_model(original)
+    assert type(converted) is Mixed and isinstance(converted.stem[1], FusedBNReLU)
+    assert isinstance(converted.bn, FusedBNPReLU) and isinstance(converted.act, nn.Identity)
+    assert not converted.frozen.training and converted.training
+    assert "aux.weight" in converted.state_dict() and converted.head(torch.randn(2, 4, 3, 3)).shape == (2, 2)
+    assert not converted.fusedrect_report.skipped
+    assert_same_training_step(original, converted, torch.randn(2, 3, 5, 5))
+
+
+def test_converted_model_compiles_fullgraph():
     torch._dynamo.reset()
     converted = fusedrect.convert_model(randomize_state(ResNet()))
-    assert isinstance(converted, fx.GraphModule)
+    assert type(converted) is ResNet
     compiled = torch.compile(converted, fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 3, 8, 8)
     compiled(x).sum().backward()

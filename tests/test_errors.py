@@ -87,3 +87,14 @@ def test_functional_accepts_any_strides():
     x = torch.randn(4, 3, 6, 6)[:, :, ::2]
     y = fusedrect.bn_relu(x, None, None, training=True)
     torch.testing.assert_close(y, fusedrect.bn_relu(x.contiguous(), None, None, training=True))
+
+
+def test_zero_eps_is_rejected_in_training():
+    with pytest.raises(ValueError, match="eps: must be positive during training"):
+        call(eps=0.0)
+
+
+def test_from_modules_takes_dtype_from_the_activation_when_batchnorm_holds_no_tensor():
+    bn = torch.nn.BatchNorm2d(3, affine=False, track_running_stats=False)
+    act = torch.nn.PReLU(3).double()
+    assert fusedrect.FusedBNPReLU.from_modules(bn, act).slope.dtype == torch.float64

@@ -208,3 +208,11 @@ def test_autocast_bfloat16_behaves_like_batchnorm(activation):
     torch.testing.assert_close(fused.running_var, pair[0].running_var, atol=1e-3, rtol=1e-3)
     ours.float().sum().backward()
     assert fused.weight.grad.dtype == torch.float32 and conv.weight.grad is not None
+
+
+def test_double_backward_raises_instead_of_returning_zeros():
+    layer = fusedrect.FusedBNPReLU(3)
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    (grad,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    with pytest.raises(NotImplementedError, match="second-order gradients"):
+        grad.sum().backward()

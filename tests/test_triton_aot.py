@@ -17,7 +17,7 @@ from triton.compiler import ASTSource  # noqa: E402
 ARCHS = (80, 90)
 DTYPES = ("fp32", "fp16", "bf16", "fp64")
 DATA_POINTERS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr"}  # in the input dtype; the rest in the statistics dtype
-FLOAT_SCALARS = {"eps", "inv_m"}
+FLOAT_SCALARS = {"eps"}  # Python floats: Triton passes them as fp32
 
 
 def variants():
@@ -61,7 +61,7 @@ def signature(fn, constexprs, dtype):
         elif name.endswith("_ptr"):
             sig[name] = "*" + (dtype if name in DATA_POINTERS else stats)
         else:
-            sig[name] = stats if name in FLOAT_SCALARS else ints
+            sig[name] = "fp32" if name in FLOAT_SCALARS else ints
     return sig
 
 

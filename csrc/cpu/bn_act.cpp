@@ -100,7 +100,8 @@ inline Vec grad_z(const Vec& z, const Vec& dy, const Vec* slope) {
 }
 
 // Batch statistics: per tile, the local mean and sum of squared deviations from it (two passes over a
-// tile that sits in cache), then Chan et al.'s pairwise merge of the tiles in a fixed order, in fp64.
+// tile that sits in cache, the second one corrected), then Chan et al.'s pairwise merge of the tiles in a
+// fixed order, in fp64.
 template <typename scalar_t>
 void batch_stats(const Geometry& geo, const scalar_t* x, double eps, Tensor& mean, Tensor& invstd) {
   using T = opmath_t<scalar_t>;
@@ -108,20 +109,25 @@ void batch_stats(const Geometry& geo, const scalar_t* x, double eps, Tensor& mea
   const Tiling t = tiling_of(geo);
   const int64_t C = geo.C;
   const int64_t G = t.groups();
-  std::vector<T> partials(2 * G * C);
+  std::vector<T> partials(3 * G * C);
   T* local_mean = partials.data();
   T* local_m2 = local_mean + G * C;
+  T* local_dsum = local_m2 + G * C;  // scratch: sum of deviations from the tile's (rounded) mean
   parallel_for_tiles(geo, t, [&](const Tile& tile) {
     T* tile_mean = local_mean + tile.g * C;
     T* tile_m2 = local_m2 + tile.g * C;
+    T* tile_dsum = local_dsum + tile.g * C;
     reduce_tile<scalar_t, 0, 1, 1>(geo, tile, {x}, {}, {tile_mean},
                                    [](const auto&, const auto& X) { return std::array<Vec, 1>{X[0]}; });
     const T inv_count = T(1) / T(tile.count());
     for (int64_t c = tile.c0; c < tile.c1; ++c) tile_mean[c] *= inv_count;
-    reduce_tile<scalar_t, 1, 1, 1>(geo, tile, {x}, {tile_mean}, {tile_m2}, [](const auto& P, const auto& X) {
-      const Vec d = X[0] - P[0];
-      return std::array<Vec, 1>{d * d};
-    });
+    reduce_tile<scalar_t, 1, 1, 2>(geo, tile, {x}, {tile_mean}, {tile_m2, tile_dsum},
+                                   [](const auto& P, const auto& X) {
+                                     const Vec d = X[0] - P[0];
+                                     return std::array<Vec, 2>{d * d, d};
+                                   });
+    // Corrected two-pass: m2 = sum d^2 - (sum d)^2 / n removes the error of the rounded tile mean.
+    for (int64_t c = tile.c0; c < tile.c1; ++c) tile_m2[c] -= tile_dsum[c] * tile_dsum[c] * inv_count;
   });
   // Chan's merge: with n elements merged so far and nb in tile row g (the same for every channel),
   //   delta = mean_g - mean,  mean += delta * nb / (n + nb),  m2 += m2_g + delta^2 * n * nb / (n + nb).

@@ -97,6 +97,13 @@ def _eval_backward(ctx, grad_y):
 _TRITON = {name: _triton(name) for name in ("bn_act_fwd_train", "bn_act_fwd_eval", "bn_act_bwd")}
 
 
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "fusedrect: second-order gradients through the fused BatchNorm + activation are not implemented; "
+        "use backend='reference' (pure PyTorch) for double backward"
+    )
+
+
 def _stats_like(x):
     return x.new_empty((x.shape[1],), dtype=reference.stats_dtype(x))
 
@@ -124,6 +131,7 @@ if _backend.compiled():
     torch.library.register_autograd(
         "fusedrect::bn_act_fwd_eval", _eval_backward, setup_context=functools.partial(_eval_setup, bwd=OPS.bn_act_bwd)
     )
+    torch.library.register_autograd("fusedrect::bn_act_bwd", _no_double_backward)
     for _name in ("bn_act_fwd_train", "bn_act_fwd_eval", "bn_act_bwd"):
         torch.library.register_kernel(f"fusedrect::{_name}", "cuda", _TRITON[_name])
 
@@ -139,7 +147,7 @@ class _TritonDirectTrain(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         _train_setup(ctx, inputs, output, _TRITON["bn_act_bwd"])
 
-    backward = staticmethod(_train_backward)
+    backward = staticmethod(torch.autograd.function.once_differentiable(_train_backward))
 
 
 class _TritonDirectEval(torch.autograd.Function):
@@ -153,7 +161,7 @@ class _TritonDirectEval(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         _eval_setup(ctx, inputs, output, _TRITON["bn_act_bwd"])
 
-    backward = staticmethod(_eval_backward)
+    backward = staticmethod(torch.autograd.function.once_differentiable(_eval_backward))
 
 
 def _through_dispatcher(backend, x):
