@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda)
 export MAX_JOBS ?= 2
 
-.PHONY: build test bench gpu-check clean
+.PHONY: build test bench experiments gpu-check clean
 
 $(VENV)/.installed: requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ DEVICE = $(shell $(PY) -c "import torch; print('cuda' if torch.cuda.is_available
 bench: build
 	$(PY) benchmarks/bench_bn_prelu.py --json benchmarks/results/bn_prelu_$(DEVICE).json \
 		--plot benchmarks/results/bn_prelu_$(DEVICE).png
+
+# The experiments that reproduce the papers' claims: figures and JSON in docs/figures/ (a few minutes each).
+experiments: build
+	for script in prelu_cost he_init_depth learned_slopes preact_gradient_flow; do \
+		$(PY) examples/$$script.py || exit 1; \
+	done
 
 # On a lent GPU machine (torch and triton preinstalled, no package registry): build with the machine's own
 # python, run the GPU tests and the CUDA benchmark, keep the JSON in $OUT (else benchmarks/results/).
