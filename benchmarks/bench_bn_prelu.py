@@ -8,6 +8,7 @@ eager and over compile, and the bytes each provider saves for backward. Example:
 """
 import argparse
 import copy
+import functools
 
 import torch
 from torch import nn
@@ -120,7 +121,7 @@ def run(args):
             for provider, backend, module in providers:
                 fn = step(module, mode, x, grad)
                 ms = median_ms(fn, args.device, args.warmup, args.iters)
-                saved = 0 if mode == "eval_fwd" else saved_bytes(lambda: module(x))
+                saved = 0 if mode == "eval_fwd" else saved_bytes(functools.partial(module, x))
                 records.append({
                     "op": f"bn_{activation}", "provider": provider, "backend": backend, "mode": mode,
                     "activation": activation, "shape": list(shape), "memory_format": layout,

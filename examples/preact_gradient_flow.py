@@ -85,7 +85,7 @@ class ResNet(nn.Module):
             x = self.stem_norm(x)
         for units in self.stages:
             stage_taps = []
-            for i, unit in enumerate(units):
+            for unit in units:
                 x = unit(x)
                 if taps is not None:
                     x.retain_grad()

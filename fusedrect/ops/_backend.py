@@ -14,8 +14,6 @@ import importlib.util
 import os
 import warnings
 
-import torch
-
 try:
     from fusedrect import _C
 except ImportError as error:  # a pure-Python install: the package still works, slowly
