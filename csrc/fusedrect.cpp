@@ -24,6 +24,10 @@ TORCH_LIBRARY(fusedrect, m) {
   // dtype, grad_slope per channel (shape (C,); (0,) for ReLU).
   m.def("bn_act_bwd(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight,"
         " Tensor? bias, Tensor? slope, bool batch_stats) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Backward of the training forward of BatchNorm + PReLU from its output y instead of its input (the
+  // memory-efficient mode): needs every slope > 0 and every weight != 0 to invert the activation and affine.
+  m.def("bn_act_bwd_from_output(Tensor grad_out, Tensor output, Tensor invstd, Tensor? weight, Tensor? bias,"
+        " Tensor slope) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 #define FUSEDRECT_STR_(x) #x

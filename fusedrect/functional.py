@@ -16,16 +16,20 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def bn_prelu(
     input, running_mean, running_var, weight=None, bias=None, slope=None, training=False, momentum=0.1, eps=1e-5,
-    *, backend=None,
+    *, backend=None, memory_efficient=False,
 ):
     """BatchNorm over dim 1 followed by PReLU with ``slope`` of shape ``(1,)`` (shared) or ``(C,)``.
+
+    ``memory_efficient=True`` (training only) saves the output instead of the input for backward and recovers
+    the input from it, which needs every slope > 0 and every |weight| > eps (checked, on the host).
 
     ``backend``: ``"auto"``, ``"cpp"``, ``"triton"`` or ``"reference"`` (default: ``$FUSEDRECT_BACKEND``, else
     auto); see fusedrect.ops._backend.
     """
     if slope is None:
         raise TypeError("slope: bn_prelu needs a tensor of shape (1,) or (C,); use bn_relu for ReLU")
-    return _bn_act(input, running_mean, running_var, weight, bias, slope, training, momentum, eps, backend)
+    return _bn_act(input, running_mean, running_var, weight, bias, slope, training, momentum, eps, backend,
+                   memory_efficient)
 
 
 def bn_relu(
@@ -36,9 +40,15 @@ def bn_relu(
     return _bn_act(input, running_mean, running_var, weight, bias, None, training, momentum, eps, backend)
 
 
-def _bn_act(input, running_mean, running_var, weight, bias, slope, training, momentum, eps, backend):
+def _bn_act(input, running_mean, running_var, weight, bias, slope, training, momentum, eps, backend,
+            memory_efficient=False):
     _validate(input, running_mean, running_var, weight, bias, slope, training, momentum, eps)
     backend = _backend.resolve(backend, input.device)
+    if training and memory_efficient:
+        _check_invertible(weight, slope, eps)
+        y, mean, invstd = bn_act.bn_act_train_memory_efficient(input, weight, bias, slope, eps, backend)
+        _update_running_stats(input, running_mean, running_var, mean, invstd, momentum, eps)
+        return y
     if training:
         y, mean, invstd = bn_act.bn_act_train(input, weight, bias, slope, eps, backend)
         _update_running_stats(input, running_mean, running_var, mean, invstd, momentum, eps)
@@ -69,6 +79,20 @@ def _update_running_stats(input, running_mean, running_var, mean, invstd, moment
             batch.append(var.to(running_var.dtype))
         for r, b in zip(running, batch):
             r.lerp_(b, momentum.to(r.dtype) if isinstance(momentum, torch.Tensor) else momentum)
+
+
+def _check_invertible(weight, slope, eps):
+    """The memory-efficient backward divides by every slope and every weight."""
+    bad = (slope <= 0).nonzero()
+    if len(bad):
+        which = "the shared slope" if slope.numel() == 1 else f"channel {int(bad[0, 0])}'s slope"
+        raise ValueError(f"slope: memory_efficient needs every slope > 0 to invert the PReLU, but {which} is "
+                         f"{float(slope[bad[0, 0]]):g}")
+    if weight is not None:
+        bad = (weight.abs() <= eps).nonzero()
+        if len(bad):
+            raise ValueError(f"weight: memory_efficient needs every |weight| > eps ({eps:g}) to invert the affine, "
+                             f"but channel {int(bad[0, 0])}'s weight is {float(weight[bad[0, 0]]):g}")
 
 
 def _validate(input, running_mean, running_var, weight, bias, slope, training, momentum, eps):

@@ -56,7 +56,7 @@ class _FusedBNAct(nn.Module):
             nn.init.ones_(self.weight)
             nn.init.zeros_(self.bias)
 
-    def _apply_fused(self, input, fn, *extra):
+    def _apply_fused(self, input, fn, *extra, **options):
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"input: expected a torch.Tensor, got {type(input).__name__}")
         if input.dim() < 2 or input.shape[1] != self.num_features:
@@ -84,6 +84,7 @@ class _FusedBNAct(nn.Module):
             momentum=factor,
             eps=self.eps,
             backend=self.backend,
+            **options,
         )
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -143,11 +144,14 @@ class FusedBNPReLU(_FusedBNAct):
 
     ``num_parameters=None`` learns one slope per channel; ``1`` shares one slope across channels (He et al. 2015).
     ``slope`` is initialised to ``init``. ``backend`` (keyword-only) pins a backend, see fusedrect.functional.
+    ``memory_efficient=True`` (keyword-only) saves only the output for backward (InPlace-ABN's idea, for a
+    learnable slope): training then needs every slope > 0 and every |weight| > eps, checked on each forward.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 num_parameters=None, init=0.25, device=None, dtype=None, *, backend=None):
+                 num_parameters=None, init=0.25, device=None, dtype=None, *, backend=None, memory_efficient=False):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, backend)
+        self.memory_efficient = memory_efficient
         self.num_parameters = num_features if num_parameters is None else num_parameters
         if self.num_parameters not in (1, num_features):
             raise ValueError(f"num_parameters: expected None, 1 or {num_features}, got {num_parameters}")
@@ -159,10 +163,11 @@ class FusedBNPReLU(_FusedBNAct):
         nn.init.constant_(self.slope, self.init)
 
     def forward(self, input):
-        return self._apply_fused(input, functional.bn_prelu, self.slope)
+        return self._apply_fused(input, functional.bn_prelu, self.slope, memory_efficient=self.memory_efficient)
 
     def extra_repr(self):
-        return f"{self._bn_config()}, num_parameters={self.num_parameters}"
+        efficient = ", memory_efficient=True" if self.memory_efficient else ""
+        return f"{self._bn_config()}, num_parameters={self.num_parameters}{efficient}"
 
     @classmethod
     def from_modules(cls, bn, act):
@@ -194,7 +199,10 @@ class FusedBNReLU(_FusedBNAct):
     """``nn.BatchNorm{1,2,3}d(num_features)`` followed by ``nn.ReLU()``, fused."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 device=None, dtype=None, *, backend=None):
+                 device=None, dtype=None, *, backend=None, memory_efficient=False):
+        if memory_efficient:
+            raise ValueError("memory_efficient: ReLU maps every negative input to 0, so its output does not "
+                             "determine its input; use FusedBNPReLU (slopes > 0) for the memory-efficient mode")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, backend)
 
     def reset_parameters(self):

@@ -43,6 +43,12 @@ ELEMENTWISE_CONFIGS = [
     for r, c, w in [(1, 1024, 4), (1, 2048, 8), (2, 512, 4), (4, 256, 4), (8, 128, 4), (16, 64, 4), (32, 64, 8),
                     (32, 32, 4), (64, 32, 8)]
 ]
+# The memory-efficient dx recovers the input from the output (two divisions per element): at most 4 elements
+# per thread, which keeps it free of register spills.
+FROM_OUTPUT_CONFIGS = [
+    triton.Config({"BLOCK_R": r, "BLOCK_COLS": c}, num_warps=w)
+    for r, c, w in [(1, 512, 4), (1, 1024, 8), (2, 256, 4), (4, 128, 4), (8, 64, 4), (16, 32, 4), (16, 64, 8)]
+]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -217,7 +223,7 @@ def _apply_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, slop
 def _dx_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, slope_ptr, slope_stride,
                grad_weight_ptr, grad_bias_ptr, M, C, ROWS, COLS, ROWS_CLASS,
                ACT: tl.constexpr, AFFINE: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
-               INDEX_64: tl.constexpr, BATCH_STATS: tl.constexpr,
+               INDEX_64: tl.constexpr, BATCH_STATS: tl.constexpr, FROM_OUTPUT: tl.constexpr,
                BLOCK_R: tl.constexpr, BLOCK_COLS: tl.constexpr):
     # dx = A * dz + B * (x - mean) + D,  A = gamma * invstd,  B = -A * invstd * dgamma / M,  D = -A * dbeta / M
     rows, cols, mask = _tile(ROWS, COLS, BLOCK_R, BLOCK_COLS, INDEX_64)
@@ -225,9 +231,10 @@ def _dx_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr
         mean_ptr, invstd_ptr, weight_ptr, bias_ptr, slope_ptr, slope_stride, rows, cols, C, ROWS, COLS,
         ACT, AFFINE, CHANNELS_LAST, ACC)
     offsets = rows[:, None] * COLS + cols[None, :]
-    xc = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC) - mean
+    xc, z = _centred_and_z(tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC), mean, scale, shift, a,
+                           FROM_OUTPUT)
     dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(ACC)
-    dx = scale * _grad_z(xc * scale + shift, dy, a, ACT)
+    dx = scale * _grad_z(z, dy, a, ACT)
     if BATCH_STATS:
         dgamma = _channel_values(grad_weight_ptr, rows, cols, C, ROWS, COLS, 1, CHANNELS_LAST, ACC)
         dbeta = _channel_values(grad_bias_ptr, rows, cols, C, ROWS, COLS, 1, CHANNELS_LAST, ACC)
@@ -237,6 +244,7 @@ def _dx_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr
 
 _apply_tuned = triton.autotune(ELEMENTWISE_CONFIGS, key=["COLS", "ROWS_CLASS", "CHANNELS_LAST"])(_apply_kernel)
 _dx_tuned = triton.autotune(ELEMENTWISE_CONFIGS, key=["COLS", "ROWS_CLASS", "CHANNELS_LAST"])(_dx_kernel)
+_dx_from_output_tuned = triton.autotune(FROM_OUTPUT_CONFIGS, key=["COLS", "ROWS_CLASS", "CHANNELS_LAST"])(_dx_kernel)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -244,9 +252,19 @@ _dx_tuned = triton.autotune(ELEMENTWISE_CONFIGS, key=["COLS", "ROWS_CLASS", "CHA
 
 
 @triton.jit
-def _bwd_terms(x, dy, mean, scale, shift, a, mask, ACT: tl.constexpr):
-    xc = x - mean
-    z = xc * scale + shift
+def _centred_and_z(v, mean, scale, shift, a, FROM_OUTPUT: tl.constexpr):
+    """(x - mean, z) from the pass's input v: x itself, or, in the memory-efficient mode, the output y
+    (every slope a > 0 and scale != 0): z = y > 0 ? y : y / a,  x - mean = (z - beta) / scale."""
+    if FROM_OUTPUT:
+        z = tl.where(v > 0, v, v / a)
+        return (z - shift) / scale, z
+    xc = v - mean
+    return xc, xc * scale + shift
+
+
+@triton.jit
+def _bwd_terms(x, dy, mean, scale, shift, a, mask, ACT: tl.constexpr, FROM_OUTPUT: tl.constexpr):
+    xc, z = _centred_and_z(x, mean, scale, shift, a, FROM_OUTPUT)
     dz = tl.where(mask, _grad_z(z, dy, a, ACT), 0.0)
     neg = tl.where(mask, tl.where(z > 0, 0.0, z * dy), 0.0)  # dy * min(z, 0), NaN propagating
     return dz, dz * xc, neg
@@ -256,7 +274,7 @@ def _bwd_terms(x, dy, mean, scale, shift, a, mask, ACT: tl.constexpr):
 def _bwd_reduce_nchw_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, slope_ptr, slope_stride,
                             part_ptr, C, S, M, G, ITERS,
                             ACT: tl.constexpr, AFFINE: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
-                            INDEX_64: tl.constexpr):
+                            INDEX_64: tl.constexpr, FROM_OUTPUT: tl.constexpr):
     c = tl.program_id(0)
     g = tl.program_id(1)
     mean = tl.load(mean_ptr + c)
@@ -278,7 +296,7 @@ def _bwd_reduce_nchw_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, weight_ptr, bia
         offsets = (n * C + c) * S + (m - n * S)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
         dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(ACC)
-        dz, dzx, neg = _bwd_terms(x, dy, mean, scale, shift, a, mask, ACT)
+        dz, dzx, neg = _bwd_terms(x, dy, mean, scale, shift, a, mask, ACT, FROM_OUTPUT)
         sum_dz += dz
         sum_dzx += dzx
         sum_neg += neg
@@ -291,7 +309,7 @@ def _bwd_reduce_nchw_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, weight_ptr, bia
 def _bwd_reduce_cl_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, slope_ptr, slope_stride,
                           part_ptr, C, R, G, ITERS,
                           ACT: tl.constexpr, AFFINE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                          ACC: tl.constexpr, INDEX_64: tl.constexpr):
+                          ACC: tl.constexpr, INDEX_64: tl.constexpr, FROM_OUTPUT: tl.constexpr):
     g = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
@@ -313,7 +331,7 @@ def _bwd_reduce_cl_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_
         offsets = rows[:, None] * C + cols[None, :]
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
         dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(ACC)
-        dz, dzx, neg = _bwd_terms(x, dy, mean, scale, shift, a, mask, ACT)
+        dz, dzx, neg = _bwd_terms(x, dy, mean, scale, shift, a, mask, ACT, FROM_OUTPUT)
         sum_dz += dz
         sum_dzx += dzx
         sum_neg += neg
@@ -387,6 +405,8 @@ class _Geometry:
 
 
 def _elementwise_launch(kernel_jit, kernel_tuned, geo, args, constexprs):
+    """Launches an elementwise kernel: autotuned on a GPU, a heuristic tile in the interpreter (which cannot
+    autotune)."""
     grid_rows_cols = (geo.rows, geo.cols)
     rows_class = triton.next_power_of_2(max(1, geo.rows))
     if INTERPRET:
@@ -426,7 +446,7 @@ def _on_device(launcher):
 
     @functools.wraps(launcher)
     def launch(*args):
-        x = args[0] if launcher.__name__ != "bn_act_bwd" else args[1]
+        x = args[1] if launcher.__name__.startswith("bn_act_bwd") else args[0]
         if x.device.type != "cuda":
             return launcher(*args)
         with torch.cuda.device(x.device):
@@ -488,6 +508,19 @@ def _apply(x, y, mean, invstd, weight, bias, slope, geo):
 def bn_act_bwd(grad_out, x, mean, invstd, weight, bias, slope, batch_stats):
     """Backward: (grad_input, grad_weight, grad_bias, grad_slope); per-channel gradients in the statistics
     dtype, grad_slope per channel ((0,) for ReLU)."""
+    return _backward(grad_out, x, mean, invstd, weight, bias, slope, batch_stats, False)
+
+
+@_on_device
+def bn_act_bwd_from_output(grad_out, output, invstd, weight, bias, slope):
+    """Training backward of BatchNorm + PReLU from the output y (memory-efficient mode; every slope > 0 and
+    every weight != 0): as bn_act_bwd."""
+    mean = torch.zeros(output.shape[1], dtype=_stats_dtype(output), device=output.device)  # unused
+    return _backward(grad_out, output, mean, invstd, weight, bias, slope, True, True)
+
+
+def _backward(grad_out, x, mean, invstd, weight, bias, slope, batch_stats, from_output):
+    """x is the input, or the output where from_output."""
     geo = _Geometry(x)
     if channels_last(grad_out) != geo.channels_last or grad_out.shape != x.shape:
         raise ValueError("grad_out: expected the shape and memory layout of input")
@@ -504,22 +537,21 @@ def bn_act_bwd(grad_out, x, mean, invstd, weight, bias, slope, batch_stats):
     acc = _acc(x)
     partials = torch.empty(3, geo.groups, geo.C, dtype=stats, device=x.device)
     common = (grad_out, x, mean, invstd, weight, bias, slope, slope_stride, partials)
+    flags = dict(ACT=act, AFFINE=affine, ACC=acc, INDEX_64=geo.index_64, FROM_OUTPUT=from_output,
+                 num_warps=REDUCE_WARPS)
     if geo.channels_last:
         _bwd_reduce_cl_kernel[(geo.groups, triton.cdiv(geo.C, REDUCE_BLOCK_C))](
-            *common, geo.C, geo.M, geo.groups, geo.iters,
-            ACT=act, AFFINE=affine, BLOCK_R=REDUCE_BLOCK_R, BLOCK_C=REDUCE_BLOCK_C, ACC=acc, INDEX_64=geo.index_64,
-            num_warps=REDUCE_WARPS)
+            *common, geo.C, geo.M, geo.groups, geo.iters, BLOCK_R=REDUCE_BLOCK_R, BLOCK_C=REDUCE_BLOCK_C, **flags)
     else:
         _bwd_reduce_nchw_kernel[(geo.C, geo.groups)](
-            *common, geo.C, geo.S, geo.M, geo.groups, geo.iters,
-            ACT=act, AFFINE=affine, BLOCK=REDUCE_BLOCK, ACC=acc, INDEX_64=geo.index_64, num_warps=REDUCE_WARPS)
+            *common, geo.C, geo.S, geo.M, geo.groups, geo.iters, BLOCK=REDUCE_BLOCK, **flags)
     _bwd_finalize_kernel[(triton.cdiv(geo.C, FINALIZE_BLOCK_C),)](
         partials, invstd, grad_weight, grad_bias, grad_slope, geo.C, geo.groups,
         ACT=act, BLOCK_C=FINALIZE_BLOCK_C, ACC=acc)
     _elementwise_launch(
-        _dx_kernel, _dx_tuned, geo,
+        _dx_kernel, _dx_from_output_tuned if from_output else _dx_tuned, geo,
         (grad_out, x, grad_input, mean, invstd, weight, bias, slope, slope_stride, grad_weight, grad_bias,
          geo.M, geo.C),
         dict(ACT=act, AFFINE=affine, CHANNELS_LAST=geo.channels_last, ACC=acc, INDEX_64=geo.index_64,
-             BATCH_STATS=batch_stats))
+             BATCH_STATS=batch_stats, FROM_OUTPUT=from_output))
     return grad_input, grad_weight, grad_bias, grad_slope

@@ -117,3 +117,23 @@ def test_gpu_compile_fullgraph(activation, backend):
                                       None if activation == "relu" else fused.slope.double())[0]
     torch.testing.assert_close(y.double(), expected, atol=1e-4, rtol=1e-4)
     assert fusedrect.build_info()["compiled"]
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gpu_memory_efficient_matches_default(layout, dtype, backend):
+    x = make_input((8, 32, 14, 14), layout, dtype, scale=2.0).cuda()
+    weight, bias, slope = (p.float().cuda() for p in make_params(32, "prelu"))
+    slope += 0.05
+    grad = torch.randn(x.shape, device="cuda").to(dtype)
+    results = []
+    for memory_efficient in (True, False):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias, slope)]
+        y = fusedrect.bn_prelu(leaves[0], None, None, *leaves[1:], training=True, backend=backend,
+                               memory_efficient=memory_efficient)
+        y.backward(grad)
+        results.append([y, *(t.grad for t in leaves)])
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    for got, want in zip(*results):
+        torch.testing.assert_close(got.float(), want.float(), atol=tol * max(1.0, want.abs().max().item()), rtol=tol)

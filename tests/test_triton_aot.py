@@ -36,10 +36,11 @@ def variants():
             warps = K.REDUCE_WARPS
             yield "_stats_nchw_kernel", dict(common, BLOCK=K.REDUCE_BLOCK), warps, dtype
             yield "_stats_cl_kernel", dict(common, BLOCK_R=K.REDUCE_BLOCK_R, BLOCK_C=K.REDUCE_BLOCK_C), warps, dtype
-            reduce = dict(common, ACT=act, AFFINE=True)
-            yield "_bwd_reduce_nchw_kernel", dict(reduce, BLOCK=K.REDUCE_BLOCK), warps, dtype
-            cl = dict(reduce, BLOCK_R=K.REDUCE_BLOCK_R, BLOCK_C=K.REDUCE_BLOCK_C)
-            yield "_bwd_reduce_cl_kernel", cl, warps, dtype
+            for from_output in (False, True) if act == prelu else (False,):
+                reduce = dict(common, ACT=act, AFFINE=True, FROM_OUTPUT=from_output)
+                yield "_bwd_reduce_nchw_kernel", dict(reduce, BLOCK=K.REDUCE_BLOCK), warps, dtype
+                cl = dict(reduce, BLOCK_R=K.REDUCE_BLOCK_R, BLOCK_C=K.REDUCE_BLOCK_C)
+                yield "_bwd_reduce_cl_kernel", cl, warps, dtype
         if dtype in ("fp32", "fp64"):  # these read only statistics-dtype buffers
             yield "_stats_merge_kernel", dict(BLOCK_C=K.FINALIZE_BLOCK_C, ACC=acc(dtype)), 4, dtype
             for act in (prelu, relu):
@@ -48,7 +49,13 @@ def variants():
             for act, index_64 in ((prelu, False),) + (((relu, True),) if i == 0 else ()):
                 layout = dict(ACT=act, AFFINE=True, CHANNELS_LAST=bool(i % 2), ACC=acc(dtype), INDEX_64=index_64)
                 yield "_apply_kernel", dict(layout, **config.kwargs), config.num_warps, dtype
-                yield "_dx_kernel", dict(layout, BATCH_STATS=True, **config.kwargs), config.num_warps, dtype
+                dx = dict(layout, BATCH_STATS=True, FROM_OUTPUT=False, **config.kwargs)
+                yield "_dx_kernel", dx, config.num_warps, dtype
+        for i, config in enumerate(K.FROM_OUTPUT_CONFIGS):
+            for channels_last in (False, True):
+                dx = dict(ACT=prelu, AFFINE=True, CHANNELS_LAST=channels_last, ACC=acc(dtype), INDEX_64=i == 0,
+                          BATCH_STATS=True, FROM_OUTPUT=True, **config.kwargs)
+                yield "_dx_kernel", dx, config.num_warps, dtype
 
 
 def signature(fn, constexprs, dtype):

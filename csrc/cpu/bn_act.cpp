@@ -54,7 +54,7 @@ struct ChannelArgs {
 };
 
 // The per-channel coefficients every pass reads, one row of C values each, in the statistics dtype.
-enum Row : int64_t { kMean, kScale, kBeta, kSlope, kA, kB, kD, kRows };
+enum Row : int64_t { kMean, kScale, kBeta, kSlope, kA, kB, kD, kInvScale, kInvSlope, kRows };
 
 template <typename T>
 class ChannelTable {
@@ -72,6 +72,8 @@ class ChannelTable {
       row(kScale)[c] = (w ? w[c] : T(1)) * istd[c];
       row(kBeta)[c] = b ? b[c] : T(0);
       row(kSlope)[c] = a ? a[shared ? 0 : c] : T(0);
+      row(kInvScale)[c] = T(1) / row(kScale)[c];
+      row(kInvSlope)[c] = a ? T(1) / row(kSlope)[c] : T(0);
     }
   }
 
@@ -96,6 +98,20 @@ inline Vec grad_z(const Vec& z, const Vec& dy, const Vec* slope) {
     return Vec::blendv(*slope * dy, dy, z > Vec(0));
   } else {
     return Vec::blendv(dy, Vec(0), z <= Vec(0));
+  }
+}
+
+// (x - mean, z) for one vector v of the pass's input: x itself, or, in the memory-efficient mode, the output y
+// from which both are recovered (every slope a > 0 and scale != 0): z = y > 0 ? y : y / a,
+// x - mean = (z - beta) / scale. P holds {mean, scale, beta, ...} or {1/scale, 1/a, beta, ...}.
+template <bool kFromOutput, typename Vec, typename Params>
+inline std::pair<Vec, Vec> centred_and_z(const Params& P, const Vec& v) {
+  if constexpr (kFromOutput) {
+    const Vec z = Vec::blendv(v * P[1], v, v > Vec(0));
+    return {(z - P[2]) * P[0], z};
+  } else {
+    const Vec xc = v - P[0];
+    return {xc, xc * P[1] + P[2]};
   }
 }
 
@@ -182,7 +198,8 @@ void apply_forward(const Geometry& geo, const scalar_t* x, const ChannelTable<op
 
 // Backward: one reduce pass for dbeta, dgamma and the slope gradient, then one pass writing dx.
 // Returns (grad_input, grad_weight, grad_bias, grad_slope) with per-channel gradients of dtype T.
-template <typename scalar_t, bool kPReLU>
+// `input` is x, or the output y where kFromOutput (the memory-efficient mode, PReLU only).
+template <typename scalar_t, bool kPReLU, bool kFromOutput = false>
 std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Geometry& geo, const Tensor& grad_out,
                                                     const Tensor& input, const Tensor& invstd,
                                                     ChannelTable<opmath_t<scalar_t>>& table, bool batch_stats) {
@@ -195,9 +212,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Geometry& geo, const T
   const scalar_t* x = input.const_data_ptr<scalar_t>();
   const scalar_t* dy = grad_out.const_data_ptr<scalar_t>();
 
+  static_assert(kPReLU || !kFromOutput, "ReLU's output does not determine its input");
   ParamPtrs<T, kPReLU ? 4 : 3> zparams;
-  zparams[0] = table.row(kMean);
-  zparams[1] = table.row(kScale);
+  zparams[0] = table.row(kFromOutput ? kInvScale : kMean);
+  zparams[1] = table.row(kFromOutput ? kInvSlope : kScale);
   zparams[2] = table.row(kBeta);
   if constexpr (kPReLU) zparams[3] = table.row(kSlope);
 
@@ -208,8 +226,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Geometry& geo, const T
     for (size_t k = 0; k < K; ++k) acc[k] = partials.data() + (k * G + tile.g) * C;
     reduce_tile<scalar_t>(geo, tile, std::array<const scalar_t*, 2>{x, dy}, zparams, acc,
                           [](const auto& P, const auto& X) {
-                            const Vec xc = X[0] - P[0];
-                            const Vec z = xc * P[1] + P[2];
+                            const auto [xc, z] = centred_and_z<kFromOutput, Vec>(P, X[0]);
                             const Vec dz = grad_z<kPReLU>(z, X[1], kPReLU ? &P.back() : nullptr);
                             std::array<Vec, kPReLU ? 3 : 2> terms;
                             terms[0] = dz;
@@ -262,8 +279,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Geometry& geo, const T
   parallel_for_tiles(geo, t, [&](const Tile& tile) {
     map_tile<scalar_t>(geo, tile, std::array<const scalar_t*, 2>{x, dy}, dparams, dx,
                        [](const auto& P, const auto& X) {
-                         const Vec xc = X[0] - P[0];
-                         const Vec z = xc * P[1] + P[2];
+                         const auto [xc, z] = centred_and_z<kFromOutput, Vec>(P, X[0]);
                          const Vec dz = grad_z<kPReLU>(z, X[1], kPReLU ? &P.back() : nullptr);
                          return P[3] * dz + P[4] * xc + P[5];
                        });
@@ -360,9 +376,37 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_bwd(const Tensor& grad_out, co
   return grads;
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_bwd_from_output(const Tensor& grad_out, const Tensor& output,
+                                                                  const Tensor& invstd,
+                                                                  const std::optional<Tensor>& weight,
+                                                                  const std::optional<Tensor>& bias,
+                                                                  const Tensor& slope) {
+  check_floating(output, "output");
+  const Geometry geo = geometry_of(output, "output");
+  TORCH_CHECK(grad_out.sizes() == output.sizes() && grad_out.scalar_type() == output.scalar_type(),
+              "grad_out: expected the shape and dtype of output ", output.sizes(), " ", output.scalar_type(),
+              ", got ", grad_out.sizes(), " ", grad_out.scalar_type());
+  TORCH_CHECK(geometry_of(grad_out, "grad_out").channels_last == geo.channels_last,
+              "grad_out: expected the memory layout of output");
+  const int64_t C = geo.C;
+  ChannelArgs args(C, stats_dtype(output), std::nullopt, invstd, weight, bias, slope);
+  args.mean = at::zeros({C}, args.invstd.options());  // unused: x - mean is recovered from the output
+  if (geo.per_channel() == 0) {
+    const auto options = args.invstd.options();
+    return {at::empty_like(output), at::zeros({C}, options), at::zeros({C}, options), at::zeros({C}, options)};
+  }
+  std::tuple<Tensor, Tensor, Tensor, Tensor> grads;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, output.scalar_type(), "bn_act_bwd_from_output", [&] {
+    ChannelTable<opmath_t<scalar_t>> table(C, args);
+    grads = backward<scalar_t, true, true>(geo, grad_out, output, args.invstd, table, true);
+  });
+  return grads;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedrect, CPU, m) {
+  m.impl("bn_act_bwd_from_output", &bn_act_bwd_from_output);
   m.impl("bn_act_fwd_train", &bn_act_fwd_train);
   m.impl("bn_act_fwd_eval", &bn_act_fwd_eval);
   m.impl("bn_act_bwd", &bn_act_bwd);

@@ -94,7 +94,8 @@ def _eval_backward(ctx, grad_y):
     return dx, None, None, dweight, dbias, dslope
 
 
-_TRITON = {name: _triton(name) for name in ("bn_act_fwd_train", "bn_act_fwd_eval", "bn_act_bwd")}
+_OP_NAMES = ("bn_act_fwd_train", "bn_act_fwd_eval", "bn_act_bwd", "bn_act_bwd_from_output")
+_TRITON = {name: _triton(name) for name in _OP_NAMES}
 
 
 def _no_double_backward(ctx, *grads):
@@ -131,8 +132,13 @@ if _backend.compiled():
     torch.library.register_autograd(
         "fusedrect::bn_act_fwd_eval", _eval_backward, setup_context=functools.partial(_eval_setup, bwd=OPS.bn_act_bwd)
     )
+    @torch.library.register_fake("fusedrect::bn_act_bwd_from_output")
+    def _bwd_from_output_fake(grad_out, output, invstd, weight, bias, slope):
+        return torch.empty_like(output), _stats_like(output), _stats_like(output), _stats_like(output)
+
     torch.library.register_autograd("fusedrect::bn_act_bwd", _no_double_backward)
-    for _name in ("bn_act_fwd_train", "bn_act_fwd_eval", "bn_act_bwd"):
+    torch.library.register_autograd("fusedrect::bn_act_bwd_from_output", _no_double_backward)
+    for _name in _OP_NAMES:
         torch.library.register_kernel(f"fusedrect::{_name}", "cuda", _TRITON[_name])
 
 
@@ -167,6 +173,48 @@ class _TritonDirectEval(torch.autograd.Function):
 def _through_dispatcher(backend, x):
     """True when the dispatcher routes x's device to ``backend`` (CPU: cpp, CUDA: triton)."""
     return _backend.compiled() and (backend == "cpp" or x.device.type == "cuda")
+
+
+class _MemoryEfficientTrain(torch.autograd.Function):
+    """Training forward of BatchNorm + PReLU that saves the output y instead of the input x (InPlace-ABN's idea
+    with a learnable slope): backward recovers x - mean from y by inverting the activation and the affine."""
+
+    @staticmethod
+    def forward(x, weight, bias, slope, eps, ops):
+        return ops["bn_act_fwd_train"](x, weight, bias, slope, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _x, weight, bias, slope, _eps, ops = inputs
+        y, mean, invstd = output
+        ctx.mark_non_differentiable(mean, invstd)
+        ctx.save_for_backward(y, invstd, weight, bias, slope)
+        ctx.bwd = ops["bn_act_bwd_from_output"]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y, _grad_mean, _grad_invstd):
+        y, invstd, weight, bias, slope = ctx.saved_tensors
+        dx, dweight, dbias, dslope = ctx.bwd(_like(grad_y, y), y, invstd, weight, bias, slope)
+        needs = ctx.needs_input_grad
+        return (dx if needs[0] else None, _param_grad(dweight, weight, needs[1]), _param_grad(dbias, bias, needs[2]),
+                _param_grad(dslope, slope, needs[3]), None, None)
+
+
+def _ops_for(backend, x):
+    """The op functions of ``backend`` for x: through the dispatcher, or the Triton launchers directly."""
+    if _through_dispatcher(backend, x):
+        return {name: getattr(torch.ops.fusedrect, name) for name in _OP_NAMES}
+    return _TRITON
+
+
+def bn_act_train_memory_efficient(x, weight, bias, slope, eps, backend):
+    """Training forward that saves only its output for backward: ``(y, mean, invstd)``. The caller checks that
+    every slope is > 0 and every weight non-zero (the activation and the affine must be invertible)."""
+    if backend == "reference":
+        raise ValueError("memory_efficient: needs a kernel backend (cpp or triton), not the reference")
+    x = native_layout(x)
+    return _MemoryEfficientTrain.apply(x, weight, bias, slope, eps, _ops_for(backend, x))
 
 
 def bn_act_train(x, weight, bias, slope, eps, backend):

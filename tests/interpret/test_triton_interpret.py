@@ -102,3 +102,20 @@ def test_triton_is_deterministic():
     first = forward_backward(x, params, grad, True, "triton")
     second = forward_backward(x, params, grad, True, "triton")
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_triton_memory_efficient_backward(layout):
+    x = make_input((3, 4, 3, 3), layout, torch.float64, scale=2.0).requires_grad_()
+    weight, bias, slope = (p.requires_grad_() for p in make_params(4, "prelu"))
+    slope.data += 0.05
+
+    def fn(x, weight, bias, slope, memory_efficient=True):
+        return fusedrect.bn_prelu(x, None, None, weight, bias, slope, training=True, backend="triton",
+                                  memory_efficient=memory_efficient)
+
+    assert torch.autograd.gradcheck(fn, (x, weight, bias, slope), eps=1e-6, atol=1e-5)
+    grads = [torch.autograd.grad(fn(x, weight, bias, slope, m).square().sum(), (x, weight, bias, slope))
+             for m in (True, False)]
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want)
