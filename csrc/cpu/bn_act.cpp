@@ -293,6 +293,16 @@ void check_floating(const Tensor& x, const char* name) {
               ": expected a float16, bfloat16, float32 or float64 tensor, got ", s);
 }
 
+// grad_out must match the shape, dtype and memory layout of the tensor it is the gradient of (or, from the
+// output, that it is walked together with).
+void check_grad_out(const Tensor& grad_out, const Tensor& like, const char* name, const Geometry& geo) {
+  TORCH_CHECK(grad_out.sizes() == like.sizes() && grad_out.scalar_type() == like.scalar_type(),
+              "grad_out: expected the shape and dtype of ", name, " ", like.sizes(), " ", like.scalar_type(),
+              ", got ", grad_out.sizes(), " ", grad_out.scalar_type());
+  TORCH_CHECK(geometry_of(grad_out, "grad_out").channels_last == geo.channels_last,
+              "grad_out: expected the memory layout of ", name);
+}
+
 // Calls f(scalar_t{}, std::bool_constant<prelu>{}) for the input dtype and the activation.
 template <typename F>
 void dispatch(const Tensor& input, bool prelu, const F& f) {
@@ -355,11 +365,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_bwd(const Tensor& grad_out, co
                                                       const std::optional<Tensor>& slope, bool batch_stats) {
   check_floating(input, "input");
   const Geometry geo = geometry_of(input, "input");
-  TORCH_CHECK(grad_out.sizes() == input.sizes() && grad_out.scalar_type() == input.scalar_type(),
-              "grad_out: expected the shape and dtype of input ", input.sizes(), " ", input.scalar_type(),
-              ", got ", grad_out.sizes(), " ", grad_out.scalar_type());
-  TORCH_CHECK(geometry_of(grad_out, "grad_out").channels_last == geo.channels_last,
-              "grad_out: expected the memory layout of input");
+  check_grad_out(grad_out, input, "input", geo);
   const int64_t C = geo.C;
   const ChannelArgs args(C, stats_dtype(input), mean, invstd, weight, bias, slope);
   if (geo.per_channel() == 0) {
@@ -383,11 +389,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_bwd_from_output(const Tensor& 
                                                                   const Tensor& slope) {
   check_floating(output, "output");
   const Geometry geo = geometry_of(output, "output");
-  TORCH_CHECK(grad_out.sizes() == output.sizes() && grad_out.scalar_type() == output.scalar_type(),
-              "grad_out: expected the shape and dtype of output ", output.sizes(), " ", output.scalar_type(),
-              ", got ", grad_out.sizes(), " ", grad_out.scalar_type());
-  TORCH_CHECK(geometry_of(grad_out, "grad_out").channels_last == geo.channels_last,
-              "grad_out: expected the memory layout of output");
+  check_grad_out(grad_out, output, "output", geo);
   const int64_t C = geo.C;
   ChannelArgs args(C, stats_dtype(output), std::nullopt, invstd, weight, bias, slope);
   args.mean = at::zeros({C}, args.invstd.options());  // unused: x - mean is recovered from the output
