@@ -9,6 +9,7 @@ import numbers
 
 import torch
 
+from fusedrect import reference
 from fusedrect.ops import _backend, bn_act
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -44,18 +45,17 @@ def _bn_act(input, running_mean, running_var, weight, bias, slope, training, mom
             memory_efficient=False):
     _validate(input, running_mean, running_var, weight, bias, slope, training, momentum, eps)
     backend = _backend.resolve(backend, input.device)
-    if training and memory_efficient:
-        _check_invertible(weight, slope, eps)
-        y, mean, invstd = bn_act.bn_act_train_memory_efficient(input, weight, bias, slope, eps, backend)
-        _update_running_stats(input, running_mean, running_var, mean, invstd, momentum, eps)
-        return y
     if training:
-        y, mean, invstd = bn_act.bn_act_train(input, weight, bias, slope, eps, backend)
+        train = bn_act.bn_act_train
+        if memory_efficient:
+            _check_invertible(weight, slope, eps)
+            train = bn_act.bn_act_train_memory_efficient
+        y, mean, invstd = train(input, weight, bias, slope, eps, backend)
         _update_running_stats(input, running_mean, running_var, mean, invstd, momentum, eps)
         return y
     if running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var are required when training=False")
-    dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    dtype = reference.stats_dtype(input)
     mean = running_mean.to(dtype)
     invstd = torch.rsqrt(running_var.to(dtype) + eps)
     return bn_act.bn_act_eval(input, mean, invstd, weight, bias, slope, backend)

@@ -4,7 +4,7 @@ that run the resolved backend.
 
 The ops are free of side effects: training forward returns ``(y, mean, invstd)`` and the caller updates
 running statistics. Backward recomputes the activation from ``x``; only ``x``, the parameters and the
-per-channel statistics are saved.
+per-channel statistics are saved (in the memory-efficient mode, ``y`` instead of ``x``).
 
 Kernels reach the ops through the dispatcher (CPU: the C++ kernels registered by ``fusedrect._C``; CUDA: the
 Triton launchers registered below), which is what ``torch.compile`` and ``opcheck`` see. Triton running in its
@@ -71,18 +71,19 @@ def _eval_setup(ctx, inputs, output, bwd):
     ctx.bwd, ctx.batch_stats = bwd, False
 
 
+def _needed_grads(ctx, grads, params, offset):
+    """(dx, dweight, dbias, dslope) for the inputs that need them; the parameters start at input ``offset``."""
+    needs = ctx.needs_input_grad
+    dx, *param_grads = grads
+    return (dx if needs[0] else None,
+            *(_param_grad(g, p, needs[offset + i]) for i, (g, p) in enumerate(zip(param_grads, params))))
+
+
 def _backward(ctx, grad_y):
     """Gradients for (input, weight, bias, slope)."""
     x, mean, invstd, weight, bias, slope = ctx.saved_tensors
-    dx, dweight, dbias, dslope = ctx.bwd(_like(grad_y, x), x, mean, invstd, weight, bias, slope, ctx.batch_stats)
-    needs = ctx.needs_input_grad
-    offset = 1 if ctx.batch_stats else 3  # eval: (input, mean, invstd, weight, ...)
-    return (
-        dx if needs[0] else None,
-        _param_grad(dweight, weight, needs[offset]),
-        _param_grad(dbias, bias, needs[offset + 1]),
-        _param_grad(dslope, slope, needs[offset + 2]),
-    )
+    grads = ctx.bwd(_like(grad_y, x), x, mean, invstd, weight, bias, slope, ctx.batch_stats)
+    return _needed_grads(ctx, grads, (weight, bias, slope), 1 if ctx.batch_stats else 3)  # eval: x, mean, invstd
 
 
 def _train_backward(ctx, grad_y, _grad_mean, _grad_invstd):
@@ -125,6 +126,10 @@ if _backend.compiled():
         slope_grad = _stats_like(input) if slope is not None else input.new_empty((0,), dtype=mean.dtype)
         return torch.empty_like(input), _stats_like(input), _stats_like(input), slope_grad
 
+    @torch.library.register_fake("fusedrect::bn_act_bwd_from_output")
+    def _bwd_from_output_fake(grad_out, output, invstd, weight, bias, slope):
+        return torch.empty_like(output), _stats_like(output), _stats_like(output), _stats_like(output)
+
     torch.library.register_autograd(
         "fusedrect::bn_act_fwd_train", _train_backward,
         setup_context=functools.partial(_train_setup, bwd=OPS.bn_act_bwd),
@@ -132,9 +137,6 @@ if _backend.compiled():
     torch.library.register_autograd(
         "fusedrect::bn_act_fwd_eval", _eval_backward, setup_context=functools.partial(_eval_setup, bwd=OPS.bn_act_bwd)
     )
-    @torch.library.register_fake("fusedrect::bn_act_bwd_from_output")
-    def _bwd_from_output_fake(grad_out, output, invstd, weight, bias, slope):
-        return torch.empty_like(output), _stats_like(output), _stats_like(output), _stats_like(output)
 
     torch.library.register_autograd("fusedrect::bn_act_bwd", _no_double_backward)
     torch.library.register_autograd("fusedrect::bn_act_bwd_from_output", _no_double_backward)
@@ -195,10 +197,8 @@ class _MemoryEfficientTrain(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, _grad_mean, _grad_invstd):
         y, invstd, weight, bias, slope = ctx.saved_tensors
-        dx, dweight, dbias, dslope = ctx.bwd(_like(grad_y, y), y, invstd, weight, bias, slope)
-        needs = ctx.needs_input_grad
-        return (dx if needs[0] else None, _param_grad(dweight, weight, needs[1]), _param_grad(dbias, bias, needs[2]),
-                _param_grad(dslope, slope, needs[3]), None, None)
+        grads = ctx.bwd(_like(grad_y, y), y, invstd, weight, bias, slope)
+        return (*_needed_grads(ctx, grads, (weight, bias, slope), 1), None, None)
 
 
 def _ops_for(backend, x):
