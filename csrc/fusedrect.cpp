@@ -28,6 +28,22 @@ TORCH_LIBRARY(fusedrect, m) {
   // memory-efficient mode): needs every slope > 0 and every weight != 0 to invert the activation and affine.
   m.def("bn_act_bwd_from_output(Tensor grad_out, Tensor output, Tensor invstd, Tensor? weight, Tensor? bias,"
         " Tensor slope) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // Pre-activation convolution conv2d(act(BN(x)), conv_weight, conv_bias) (He et al. 2016, "Identity Mappings
+  // in Deep Residual Networks"): the activation is never stored. Training forward returns (out, mean, invstd).
+  m.def("preact_conv_fwd_train(Tensor input, Tensor? weight, Tensor? bias, Tensor? slope, float eps,"
+        " Tensor conv_weight, Tensor? conv_bias, int[2] stride, int[2] padding, int[2] dilation, int groups)"
+        " -> (Tensor, Tensor, Tensor)");
+  m.def("preact_conv_fwd_eval(Tensor input, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias,"
+        " Tensor? slope, Tensor conv_weight, Tensor? conv_bias, int[2] stride, int[2] padding, int[2] dilation,"
+        " int groups) -> Tensor");
+  // Backward of either forward: recomputes the activation. Returns (grad_input, grad_weight, grad_bias,
+  // grad_slope, grad_conv_weight, grad_conv_bias); grad_slope as in bn_act_bwd, grad_conv_bias (0,) when
+  // has_conv_bias is false.
+  m.def("preact_conv_bwd(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight,"
+        " Tensor? bias, Tensor? slope, Tensor conv_weight, bool has_conv_bias, int[2] stride, int[2] padding,"
+        " int[2] dilation, int groups, bool batch_stats)"
+        " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 #define FUSEDRECT_STR_(x) #x

@@ -5,8 +5,8 @@
 """
 from fusedrect import functional, init, reference
 from fusedrect.convert import convert_model, revert_model
-from fusedrect.functional import bn_prelu, bn_relu
-from fusedrect.modules import FusedBNPReLU, FusedBNReLU
+from fusedrect.functional import bn_prelu, bn_relu, preact_conv2d
+from fusedrect.modules import FusedBNPReLU, FusedBNReLU, FusedPreActConv2d
 from fusedrect.ops._backend import BACKENDS, build_info
 
 __version__ = "0.1.0"
@@ -15,12 +15,14 @@ __all__ = [
     "BACKENDS",
     "FusedBNPReLU",
     "FusedBNReLU",
+    "FusedPreActConv2d",
     "bn_prelu",
     "bn_relu",
     "build_info",
     "convert_model",
     "functional",
     "init",
+    "preact_conv2d",
     "reference",
     "revert_model",
 ]

@@ -1,4 +1,5 @@
-"""Functional API: BatchNorm followed by PReLU or ReLU in one fused op.
+"""Functional API: BatchNorm followed by PReLU or ReLU in one fused op, and the pre-activation convolution
+conv2d(act(BN(x))) that never stores the activation.
 
 Arguments follow ``torch.nn.functional.batch_norm``: in training, batch statistics normalise the input and,
 where given, ``running_mean``/``running_var`` are updated in place with ``momentum`` (unbiased variance);
@@ -10,7 +11,7 @@ import numbers
 import torch
 
 from fusedrect import reference
-from fusedrect.ops import _backend, bn_act
+from fusedrect.ops import _backend, bn_act, preact_conv
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -53,12 +54,39 @@ def _bn_act(input, running_mean, running_var, weight, bias, slope, training, mom
         y, mean, invstd = train(input, weight, bias, slope, eps, backend)
         _update_running_stats(input, running_mean, running_var, mean, invstd, momentum, eps)
         return y
+    return bn_act.bn_act_eval(input, *_running_stats(input, running_mean, running_var, eps), weight, bias, slope,
+                              backend)
+
+
+def preact_conv2d(
+    input, running_mean, running_var, weight, bias, slope, conv_weight, conv_bias=None, stride=1, padding=0,
+    dilation=1, groups=1, training=False, momentum=0.1, eps=1e-5, *, backend=None,
+):
+    """``conv2d(act(batch_norm(input)), conv_weight, conv_bias, stride, padding, dilation, groups)``, the unit of
+    a pre-activation ResNet (He et al. 2016), with act = PReLU(``slope``) or ReLU (``slope=None``).
+
+    The BatchNorm arguments are those of :func:`bn_prelu`, the convolution's those of
+    ``torch.nn.functional.conv2d`` (``stride``, ``padding``, ``dilation``: an int or a pair). The activation is
+    never stored: backward recomputes it from ``input``. ``backend`` as in :func:`bn_prelu`.
+    """
+    _validate(input, running_mean, running_var, weight, bias, slope, training, momentum, eps)
+    conv_args = _validate_conv(input, conv_weight, conv_bias, stride, padding, dilation, groups)
+    backend = _backend.resolve(backend, input.device)
+    if training:
+        out, mean, invstd = preact_conv.preact_conv_train(input, weight, bias, slope, eps, conv_weight, conv_bias,
+                                                          *conv_args, backend)
+        _update_running_stats(input, running_mean, running_var, mean, invstd, momentum, eps)
+        return out
+    return preact_conv.preact_conv_eval(input, *_running_stats(input, running_mean, running_var, eps), weight, bias,
+                                        slope, conv_weight, conv_bias, *conv_args, backend)
+
+
+def _running_stats(input, running_mean, running_var, eps):
+    """(mean, invstd) in the statistics dtype from the running statistics (eval mode)."""
     if running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var are required when training=False")
     dtype = reference.stats_dtype(input)
-    mean = running_mean.to(dtype)
-    invstd = torch.rsqrt(running_var.to(dtype) + eps)
-    return bn_act.bn_act_eval(input, mean, invstd, weight, bias, slope, backend)
+    return running_mean.to(dtype), torch.rsqrt(running_var.to(dtype) + eps)
 
 
 def _update_running_stats(input, running_mean, running_var, mean, invstd, momentum, eps):
@@ -138,3 +166,46 @@ def _check_per_channel(name, t, input, *shapes):
         )
     if t.device != input.device:
         raise ValueError(f"{name}: expected a tensor on {input.device} (the input's device), got {t.device}")
+
+
+def _pair(name, value, minimum):
+    """``value`` (an int or a pair of ints, each >= ``minimum``) as a list of two ints."""
+    pair = [value, value] if isinstance(value, numbers.Integral) else value
+    if (not isinstance(pair, (list, tuple)) or len(pair) != 2
+            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= minimum for v in pair)):
+        raise ValueError(f"{name}: expected an int >= {minimum} or a pair of them, got {value!r}")
+    return [int(v) for v in pair]
+
+
+def _validate_conv(input, conv_weight, conv_bias, stride, padding, dilation, groups):
+    """(stride, padding, dilation, groups) as the op takes them, after checking every convolution argument."""
+    if input.dim() != 4:
+        raise ValueError(f"input: expected a 4-D (N, C, H, W) tensor for a 2-D convolution, got shape "
+                         f"{tuple(input.shape)}")
+    if not isinstance(conv_weight, torch.Tensor):
+        raise TypeError(f"conv_weight: expected a torch.Tensor, got {type(conv_weight).__name__}")
+    if not isinstance(groups, numbers.Integral) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups: expected a positive int, got {groups!r}")
+    channels = input.shape[1]
+    if conv_weight.dim() != 4 or conv_weight.shape[0] % groups or conv_weight.shape[1] * groups != channels:
+        raise ValueError(f"conv_weight: expected shape (out_channels, {channels} / groups, kH, kW) with "
+                         f"out_channels divisible by groups={groups}, got {tuple(conv_weight.shape)}")
+    for name, t in (("conv_weight", conv_weight), ("conv_bias", conv_bias)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
+        if t.dtype != input.dtype:
+            raise TypeError(f"{name}: expected the input's dtype {input.dtype}, got {t.dtype}")
+        if t.device != input.device:
+            raise ValueError(f"{name}: expected a tensor on {input.device} (the input's device), got {t.device}")
+    if conv_bias is not None and tuple(conv_bias.shape) != (conv_weight.shape[0],):
+        raise ValueError(f"conv_bias: expected shape ({conv_weight.shape[0]},), got {tuple(conv_bias.shape)}")
+    conv_args = (_pair("stride", stride, 1), _pair("padding", padding, 0), _pair("dilation", dilation, 1), int(groups))
+    stride, padding, dilation, _ = conv_args
+    for i, size in enumerate(input.shape[2:]):
+        reach = dilation[i] * (conv_weight.shape[2 + i] - 1) + 1
+        if size + 2 * padding[i] < reach:
+            raise ValueError(f"input: spatial size {tuple(input.shape[2:])} with padding {padding} is smaller than "
+                             f"the kernel's reach {reach} along dim {2 + i}")
+    return conv_args

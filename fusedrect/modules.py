@@ -1,13 +1,19 @@
-"""Drop-in modules: ``FusedBNPReLU`` for ``BatchNorm + PReLU`` and ``FusedBNReLU`` for ``BatchNorm + ReLU``.
+"""Drop-in modules: ``FusedBNPReLU`` for ``BatchNorm + PReLU``, ``FusedBNReLU`` for ``BatchNorm + ReLU``, and
+``FusedPreActConv2d`` for ``BatchNorm -> ReLU/PReLU -> Conv2d``.
 
 Parameters, buffers, state_dict keys and training semantics are those of ``nn.BatchNorm{1,2,3}d`` (inputs of
 shape (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W)), plus ``slope`` for PReLU. The modules hold state
 and update running statistics; the math runs in ``fusedrect.functional``.
 """
+import math
+
 import torch
 from torch import nn
 
 from fusedrect import functional
+
+
+_BN_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
 class _FusedBNAct(nn.Module):
@@ -106,7 +112,7 @@ class _FusedBNAct(nn.Module):
     def _to_batchnorm(self, batchnorm_cls):
         bn = batchnorm_cls(self.num_features, self.eps, self.momentum, self.affine, self.track_running_stats,
                            **self._factory())
-        bn.load_state_dict({k: v for k, v in self.state_dict().items() if k != "slope"})
+        bn.load_state_dict({k: v for k, v in self.state_dict().items() if k in _BN_STATE})
         return bn.train(self.training)
 
     def _factory(self):
@@ -224,3 +230,140 @@ class FusedBNReLU(_FusedBNAct):
     def to_modules(self, batchnorm_cls=None):
         """``nn.Sequential(BatchNorm, nn.ReLU)`` computing the same function (for export and deployment)."""
         return nn.Sequential(self._to_batchnorm(batchnorm_cls or self.batchnorm_cls), nn.ReLU())
+
+
+class FusedPreActConv2d(_FusedBNAct):
+    """``nn.Conv2d(in_channels, out_channels, ...)`` applied to ``act(nn.BatchNorm2d(in_channels)(x))``, fused:
+    the pre-activation unit of He et al. 2016 ("Identity Mappings in Deep Residual Networks").
+
+    ``activation`` is ``"relu"`` or ``"prelu"`` (``num_parameters``/``init`` as in :class:`FusedBNPReLU`). The
+    BatchNorm and activation parameters and buffers are named as in :class:`FusedBNPReLU` (``weight``, ``bias``,
+    ``slope``, ``running_mean``, ...), the convolution's ``conv_weight`` and ``conv_bias`` (initialised as by
+    ``nn.Conv2d``). The activation is never stored for backward: backward recomputes it from the input.
+    Keyword-only: ``affine``, ``track_running_stats`` (of the BatchNorm) and ``backend``.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=False,
+                 activation="relu", eps=1e-5, momentum=0.1, num_parameters=None, init=0.25, device=None, dtype=None,
+                 *, affine=True, track_running_stats=True, backend=None):
+        if activation not in ("relu", "prelu"):
+            raise ValueError(f"activation: expected 'relu' or 'prelu', got {activation!r}")
+        if activation == "relu" and num_parameters is not None:
+            raise ValueError("num_parameters: only meaningful with activation='prelu'")
+        super().__init__(in_channels, eps, momentum, affine, track_running_stats, device, dtype, backend)
+        if not isinstance(groups, int) or groups < 1 or in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups: expected a positive int dividing in_channels={in_channels} and "
+                             f"out_channels={out_channels}, got {groups!r}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
+        self.groups = groups
+        self.activation = activation
+        factory = {"device": device, "dtype": dtype}
+        self.conv_weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory))
+        self.conv_bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        if activation == "prelu":
+            self.num_parameters = in_channels if num_parameters is None else num_parameters
+            if self.num_parameters not in (1, in_channels):
+                raise ValueError(f"num_parameters: expected None, 1 or {in_channels}, got {num_parameters}")
+            self.init = init
+            self.slope = nn.Parameter(torch.full((self.num_parameters,), float(init), **factory))
+        else:
+            self.register_parameter("slope", None)
+        self._reset_conv_parameters()
+
+    def reset_parameters(self):
+        self._reset_bn_parameters()
+        if self.slope is not None:
+            nn.init.constant_(self.slope, self.init)
+        self._reset_conv_parameters()
+
+    def _reset_conv_parameters(self):
+        """As nn.Conv2d.reset_parameters."""
+        nn.init.kaiming_uniform_(self.conv_weight, a=math.sqrt(5))
+        if self.conv_bias is not None:
+            fan_in = self.conv_weight[0].numel()
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            nn.init.uniform_(self.conv_bias, -bound, bound)
+
+    def forward(self, input):
+        return self._apply_fused(input, functional.preact_conv2d, self.slope, self.conv_weight, self.conv_bias,
+                                 stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
+
+    def extra_repr(self):
+        conv = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+                f"bias={self.conv_bias is not None}")
+        act = f"activation={self.activation!r}"
+        if self.slope is not None:
+            act += f", num_parameters={self.num_parameters}"
+        return f"{conv}, {act}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, " \
+               f"track_running_stats={self.track_running_stats}"
+
+    @classmethod
+    def from_modules(cls, bn, act, conv):
+        """The fused equivalent of ``bn`` (nn.BatchNorm2d), then ``act`` (nn.ReLU or nn.PReLU), then ``conv``
+        (nn.Conv2d with zero padding), parameters and buffers copied."""
+        if not isinstance(act, (nn.ReLU, nn.PReLU)):
+            raise TypeError(f"act: expected an nn.ReLU or nn.PReLU module, got {type(act).__name__}")
+        if not isinstance(conv, nn.Conv2d) or type(conv).forward is not nn.Conv2d.forward:
+            raise TypeError(f"conv: expected an nn.Conv2d module, got {type(conv).__name__}")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"conv: expected padding_mode='zeros', got {conv.padding_mode!r}")
+        kwargs = cls._bn_kwargs(bn, act)
+        if conv.in_channels != bn.num_features:
+            raise ValueError(f"conv: expected in_channels={bn.num_features} (the BatchNorm's features), got "
+                             f"{conv.in_channels}")
+        prelu = isinstance(act, nn.PReLU)
+        if prelu and act.num_parameters not in (1, bn.num_features):
+            raise ValueError(f"act: expected num_parameters 1 or {bn.num_features}, got {act.num_parameters}")
+        fused = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, _explicit_padding(conv),
+            conv.dilation, conv.groups, conv.bias is not None, "prelu" if prelu else "relu", kwargs["eps"],
+            kwargs["momentum"], act.num_parameters if prelu else None, act.init if prelu else 0.25,
+            device=kwargs.get("device"), dtype=kwargs.get("dtype"), affine=kwargs["affine"],
+            track_running_stats=kwargs["track_running_stats"],
+        )
+        fused._load_bn(bn)
+        with torch.no_grad():
+            fused.conv_weight.copy_(conv.weight)
+            if conv.bias is not None:
+                fused.conv_bias.copy_(conv.bias)
+            if prelu:
+                fused.slope.copy_(act.weight)
+        return fused
+
+    def to_modules(self, batchnorm_cls=None):
+        """``nn.Sequential(BatchNorm, ReLU/PReLU, nn.Conv2d)`` computing the same function."""
+        factory = self._factory()
+        bn = self._to_batchnorm(batchnorm_cls or self.batchnorm_cls)
+        if self.slope is None:
+            act = nn.ReLU()
+        else:
+            act = nn.PReLU(self.num_parameters, self.init, **factory)
+            with torch.no_grad():
+                act.weight.copy_(self.slope)
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, self.groups, self.conv_bias is not None, **factory)
+        with torch.no_grad():
+            conv.weight.copy_(self.conv_weight)
+            if self.conv_bias is not None:
+                conv.bias.copy_(self.conv_bias)
+        return nn.Sequential(bn, act, conv).train(self.training)
+
+
+def _pair(value):
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def _explicit_padding(conv):
+    """conv.padding as a pair of ints ('valid' and 'same' resolved; 'same' only where it pads symmetrically)."""
+    if not isinstance(conv.padding, str):
+        return conv.padding
+    if conv.padding == "valid":
+        return (0, 0)
+    total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+    if any(t % 2 for t in total):
+        raise ValueError(f"conv: padding='same' with kernel_size={conv.kernel_size} and dilation={conv.dilation} "
+                         "pads asymmetrically, which FusedPreActConv2d does not support")
+    return tuple(t // 2 for t in total)

@@ -459,11 +459,24 @@ def _on_device(launcher):
 def bn_act_fwd_train(x, weight, bias, slope, eps):
     """Training forward: (y, mean, invstd) with fp32 (fp64 for fp64 input) statistics."""
     geo = _Geometry(x)
-    stats = _stats_dtype(x)
     y = torch.empty_like(x)
+    mean, invstd = _batch_stats(x, eps, geo)
+    if geo.M:
+        _apply(x, y, mean, invstd, weight, bias, slope, geo)
+    return y, mean, invstd
+
+
+@_on_device
+def batch_stats(x, eps):
+    """Per-channel (mean, invstd) of x's batch: the statistics half of the training forward."""
+    return _batch_stats(x, eps, _Geometry(x))
+
+
+def _batch_stats(x, eps, geo):
+    stats = _stats_dtype(x)
     if geo.M == 0:
         zeros = torch.zeros(geo.C, dtype=stats, device=x.device)
-        return y, zeros, torch.full_like(zeros, 1.0 / eps**0.5)
+        return zeros, torch.full_like(zeros, 1.0 / eps**0.5)
     part_mean = torch.empty(geo.groups, geo.C, dtype=stats, device=x.device)
     part_m2 = torch.empty_like(part_mean)
     acc = _acc(x)
@@ -480,8 +493,7 @@ def bn_act_fwd_train(x, weight, bias, slope, eps):
     _stats_merge_kernel[(triton.cdiv(geo.C, FINALIZE_BLOCK_C),)](
         part_mean, part_m2, mean, invstd, geo.C, geo.groups, geo.chunk, geo.M, eps,
         BLOCK_C=FINALIZE_BLOCK_C, ACC=acc)
-    _apply(x, y, mean, invstd, weight, bias, slope, geo)
-    return y, mean, invstd
+    return mean, invstd
 
 
 @_on_device
