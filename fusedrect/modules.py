@@ -260,8 +260,7 @@ class FusedPreActConv2d(_FusedBNAct):
         self.groups = groups
         self.activation = activation
         factory = {"device": device, "dtype": dtype}
-        self.conv_weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory))
-        self.conv_bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        # Registered in the order of BN, act, conv: parameters() lines up with nn.Sequential(bn, act, conv).
         if activation == "prelu":
             self.num_parameters = in_channels if num_parameters is None else num_parameters
             if self.num_parameters not in (1, in_channels):
@@ -270,6 +269,8 @@ class FusedPreActConv2d(_FusedBNAct):
             self.slope = nn.Parameter(torch.full((self.num_parameters,), float(init), **factory))
         else:
             self.register_parameter("slope", None)
+        self.conv_weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory))
+        self.conv_bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         self._reset_conv_parameters()
 
     def reset_parameters(self):

@@ -12,14 +12,12 @@ scale = gamma * invstd and shift = beta - mean * scale. As a GEMM over the chann
 A is built tile by tile in registers and never stored: the padded taps are zero after the activation (the
 convolution pads its input, which is the activation's output). Scope: channels-last fp16/bf16/fp32 inputs,
 square 1x1 and 3x3 kernels, stride 1 or 2, padding 0 or 1, no dilation, one group; everything else runs the
-framework's convolution on a materialised activation (fusedrect/ops/preact_conv.py). fp32 inputs use TF32
-where torch.backends.cudnn.allow_tf32 allows it, as cuDNN does.
+framework's convolution on a materialised activation (fusedrect/ops/preact_conv.py). fp32 inputs run in TF32,
+as cuDNN runs them by default; with torch.backends.cudnn.allow_tf32 = False they go to cuDNN instead.
 
 The weight gradient reduces over all M pixels: programs take fixed shares of M (a split that depends on the
 shape only), write fp32 partials, and the partials are summed in a fixed order: bitwise reproducible.
 """
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -31,17 +29,25 @@ SUPPORTED = {"kernel": (1, 3), "stride": (1, 2), "padding": (0, 1), "dtypes": (t
 
 # Autotuned over the output tile, warps and stages only: the tile of the summed dimension (BLOCK_K forward,
 # BLOCK_M for the weight gradient) is the same in every config, so the choice never changes a result's bits.
+# One list per element size ("16": fp16/bf16, "32": fp32), each config free of register spills on sm_80/sm_90.
 FWD_BLOCK_K = 32
-FWD_CONFIGS = [
-    triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": FWD_BLOCK_K}, num_warps=w, num_stages=s)
-    for m, n, w, s in [(128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (128, 256, 8, 3),
-                       (64, 32, 4, 4)]
-]
 WGRAD_BLOCK_M = 64
-WGRAD_CONFIGS = [
-    triton.Config({"BLOCK_M": WGRAD_BLOCK_M, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-    for k, n, w, s in [(64, 128, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (32, 64, 4, 4)]
-]
+
+
+def _configs(names, tiles, fixed):
+    return [triton.Config({**dict(zip(names, tile)), **fixed}, num_warps=w, num_stages=s) for *tile, w, s in tiles]
+
+
+FWD_CONFIGS = {
+    "16": _configs(("BLOCK_M", "BLOCK_N"), [(128, 64, 8, 3), (64, 64, 4, 4), (64, 128, 8, 3)],
+                   {"BLOCK_K": FWD_BLOCK_K}),
+    "32": _configs(("BLOCK_M", "BLOCK_N"), [(64, 128, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2)],
+                   {"BLOCK_K": FWD_BLOCK_K}),
+}
+WGRAD_CONFIGS = {  # the output tile of the weight gradient is (BLOCK_K, BLOCK_N)
+    "16": _configs(("BLOCK_K", "BLOCK_N"), [(64, 64, 8, 3), (32, 64, 8, 3)], {"BLOCK_M": WGRAD_BLOCK_M}),
+    "32": _configs(("BLOCK_K", "BLOCK_N"), [(64, 64, 8, 2), (32, 64, 8, 2)], {"BLOCK_M": WGRAD_BLOCK_M}),
+}
 WGRAD_TARGET_PROGRAMS = 512  # the split of M aims for this many programs (then partial sums in fixed order)
 WGRAD_MAX_SPLIT = 64
 
@@ -49,8 +55,9 @@ WGRAD_MAX_SPLIT = 64
 def applies(x, conv_weight, stride, padding, dilation, groups):
     """True when the Triton convolution covers this call (else the framework's convolution runs)."""
     kh, kw = conv_weight.shape[-2:]
+    tf32_allowed = x.dtype != torch.float32 or torch.backends.cudnn.allow_tf32
     return (
-        x.dim() == 4 and x.dtype in SUPPORTED["dtypes"] and conv_weight.dtype == x.dtype
+        x.dim() == 4 and x.dtype in SUPPORTED["dtypes"] and conv_weight.dtype == x.dtype and tf32_allowed
         and x.is_contiguous(memory_format=torch.channels_last) and groups == 1 and tuple(dilation) == (1, 1)
         and kh == kw and kh in SUPPORTED["kernel"]
         and stride[0] == stride[1] and stride[0] in SUPPORTED["stride"]
@@ -60,19 +67,32 @@ def applies(x, conv_weight, stride, padding, dilation, groups):
 
 
 @triton.jit
-def _preact_tile(x_ptr, scale_ptr, shift_ptr, slope_ptr, slope_stride, n, oh, ow, m_ok, ci, kh, kw,
-                 H, W, Cin, sN, sH, sW, STRIDE: tl.constexpr, PAD: tl.constexpr, ACT: tl.constexpr,
-                 INDEX_64: tl.constexpr):
-    """A[m, k] for the pixels (n, oh, ow) of the tile and the input channels ci of tap (kh, kw), in fp32."""
-    ih = oh * STRIDE - PAD + kh
-    iw = ow * STRIDE - PAD + kw
-    row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-    c_ok = ci < Cin
+def _pixel_rows(rm, M, OH, OW, sN, sH, sW, STRIDE: tl.constexpr, PAD: tl.constexpr, INDEX_64: tl.constexpr):
+    """For the flat output-pixel indices rm: the offset of input tap (0, 0) (which may lie in the padding) and
+    its (ih, iw); rows past M get an ih no tap can bring inside the image."""
+    ohw = OH * OW
+    n = rm // ohw
+    rest = rm - n * ohw
+    oh = rest // OW
+    ih = oh * STRIDE - PAD
+    iw = (rest - oh * OW) * STRIDE - PAD
     if INDEX_64:
-        row = n.to(tl.int64) * sN + ih.to(tl.int64) * sH + iw.to(tl.int64) * sW
+        base = n.to(tl.int64) * sN + ih.to(tl.int64) * sH + iw.to(tl.int64) * sW
     else:
-        row = n * sN + ih * sH + iw * sW
+        base = n * sN + ih * sH + iw * sW
+    return base, tl.where(rm < M, ih, -(1 << 30)), iw
+
+
+@triton.jit
+def _preact_tile(x_ptr, scale_ptr, shift_ptr, slope_ptr, slope_stride, base, ih0, iw0, ci, kh, kw, H, W, Cin,
+                 sH, sW, ACT: tl.constexpr):
+    """A[m, k] for the tile's pixels (rows from _pixel_rows) and the input channels ci of tap (kh, kw), fp32."""
+    ih = ih0 + kh
+    iw = iw0 + kw
+    row_ok = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    c_ok = ci < Cin
     inside = row_ok[:, None] & c_ok[None, :]
+    row = base + (kh * sH + kw * sW)
     x = tl.load(x_ptr + row[:, None] + ci[None, :], mask=inside, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + ci, mask=c_ok, other=0.0)
     shift = tl.load(shift_ptr + ci, mask=c_ok, other=0.0)
@@ -84,20 +104,10 @@ def _preact_tile(x_ptr, scale_ptr, shift_ptr, slope_ptr, slope_stride, n, oh, ow
 
 
 @triton.jit
-def _pixels(rm, OH, OW):
-    """(n, oh, ow) of the flat output-pixel indices rm."""
-    ohw = OH * OW
-    n = rm // ohw
-    rest = rm - n * ohw
-    oh = rest // OW
-    return n, oh, rest - oh * OW
-
-
-@triton.jit
 def _fwd_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, shift_ptr, slope_ptr, slope_stride, bias_ptr,
                 N, H, W, Cin, OH, OW, Cout, sN, sH, sW, M_CLASS,
                 KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, ACT: tl.constexpr,
-                HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, INDEX_64: tl.constexpr,
+                HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out (M, Cout) row-major = A (M, K) @ Wt (K, Cout); programs walk output tiles column-block-major so that
     neighbouring programs share input rows in L2."""
@@ -110,17 +120,17 @@ def _fwd_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, shift_ptr, slope_ptr, slope_st
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < Cout
-    n, oh, ow = _pixels(rm, OH, OW)
+    base, ih0, iw0 = _pixel_rows(rm, M, OH, OW, sN, sH, sW, STRIDE, PAD, INDEX_64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for tap in tl.static_range(KSIZE * KSIZE):
-        for c0 in range(0, Cin, BLOCK_K):
-            ci = c0 + tl.arange(0, BLOCK_K)
-            a = _preact_tile(x_ptr, scale_ptr, shift_ptr, slope_ptr, slope_stride, n, oh, ow, m_ok, ci,
-                             tap // KSIZE, tap % KSIZE, H, W, Cin, sN, sH, sW, STRIDE, PAD, ACT, INDEX_64)
-            k = tap * Cin + ci
-            w = tl.load(w_ptr + k[:, None] * Cout + rn[None, :], mask=(ci < Cin)[:, None] & n_ok[None, :],
-                        other=0.0)
-            acc = tl.dot(a.to(w.dtype), w, acc, input_precision=PRECISION)
+    blocks_c = tl.cdiv(Cin, BLOCK_K)
+    for step in range(0, KSIZE * KSIZE * blocks_c):  # one flat loop over (tap, channel block): pipelines well
+        tap = step // blocks_c
+        ci = (step - tap * blocks_c) * BLOCK_K + tl.arange(0, BLOCK_K)
+        a = _preact_tile(x_ptr, scale_ptr, shift_ptr, slope_ptr, slope_stride, base, ih0, iw0, ci, tap // KSIZE,
+                         tap % KSIZE, H, W, Cin, sH, sW, ACT)
+        k = tap * Cin + ci
+        w = tl.load(w_ptr + k[:, None] * Cout + rn[None, :], mask=(ci < Cin)[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a.to(w.dtype), w, acc, input_precision="tf32")  # tf32: for fp32 only
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if INDEX_64:
@@ -134,7 +144,7 @@ def _fwd_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, shift_ptr, slope_ptr, slope_st
 def _wgrad_kernel(x_ptr, dout_ptr, part_ptr, scale_ptr, shift_ptr, slope_ptr, slope_stride,
                   N, H, W, Cin, OH, OW, Cout, sN, sH, sW, M_PER_SPLIT, M_CLASS,
                   KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, ACT: tl.constexpr,
-                  PRECISION: tl.constexpr, INDEX_64: tl.constexpr,
+                  INDEX_64: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """partials[split, k, co] = sum over this split's pixels m of A[m, k] * dout[m, co]; grid
     (taps * Cin blocks, Cout blocks, splits)."""
@@ -150,29 +160,28 @@ def _wgrad_kernel(x_ptr, dout_ptr, part_ptr, scale_ptr, shift_ptr, slope_ptr, sl
     for m0 in range(start, tl.minimum(start + M_PER_SPLIT, M), BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         m_ok = rm < M
-        n, oh, ow = _pixels(rm, OH, OW)
-        a = _preact_tile(x_ptr, scale_ptr, shift_ptr, slope_ptr, slope_stride, n, oh, ow, m_ok, ci,
-                         tap // KSIZE, tap % KSIZE, H, W, Cin, sN, sH, sW, STRIDE, PAD, ACT, INDEX_64)
+        base, ih0, iw0 = _pixel_rows(rm, M, OH, OW, sN, sH, sW, STRIDE, PAD, INDEX_64)
+        a = _preact_tile(x_ptr, scale_ptr, shift_ptr, slope_ptr, slope_stride, base, ih0, iw0, ci, tap // KSIZE,
+                         tap % KSIZE, H, W, Cin, sH, sW, ACT)
         if INDEX_64:
             d_offsets = rm.to(tl.int64)[:, None] * Cout + rn[None, :]
         else:
             d_offsets = rm[:, None] * Cout + rn[None, :]
         d = tl.load(dout_ptr + d_offsets, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(tl.trans(a.to(d.dtype)), d, acc, input_precision=PRECISION)
+        acc = tl.dot(tl.trans(a.to(d.dtype)), d, acc, input_precision="tf32")
     K = KSIZE * KSIZE * Cin
     k = tap * Cin + ci
     part_offsets = split.to(tl.int64) * K * Cout + k[:, None] * Cout + rn[None, :]
     tl.store(part_ptr + part_offsets, acc, mask=(ci < Cin)[:, None] & n_ok[None, :])
 
 
-_fwd_tuned = triton.autotune(FWD_CONFIGS, key=["Cin", "Cout", "KSIZE", "STRIDE", "M_CLASS"])(_fwd_kernel)
-_wgrad_tuned = triton.autotune(WGRAD_CONFIGS, key=["Cin", "Cout", "KSIZE", "STRIDE", "M_CLASS"])(_wgrad_kernel)
+_KEY = ["Cin", "Cout", "KSIZE", "STRIDE", "M_CLASS"]
+_fwd_tuned = {bits: triton.autotune(configs, key=_KEY)(_fwd_kernel) for bits, configs in FWD_CONFIGS.items()}
+_wgrad_tuned = {bits: triton.autotune(configs, key=_KEY)(_wgrad_kernel) for bits, configs in WGRAD_CONFIGS.items()}
 
 
-def _precision(dtype):
-    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
-        return "ieee"
-    return "tf32"  # fp32 as cuDNN runs it by default; ignored for fp16/bf16
+def _bits(x):
+    return "32" if x.dtype == torch.float32 else "16"
 
 
 def _folded(x, mean, invstd, weight, bias, slope):
@@ -200,10 +209,8 @@ def _index_64(*tensors):
     return any(t.numel() >= 2**31 for t in tensors)
 
 
-@functools.lru_cache(maxsize=None)
-def _interpreter_config(kind):
-    """The config the interpreter runs (it cannot autotune): the smallest of each list."""
-    configs = FWD_CONFIGS if kind == "fwd" else WGRAD_CONFIGS
+def _interpreter_config(configs):
+    """The config the interpreter runs (it cannot autotune): the smallest tile of the list."""
     return min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"]).kwargs
 
 
@@ -220,10 +227,10 @@ def conv_fwd(x, mean, invstd, weight, bias, slope, conv_weight, conv_bias, strid
     scale, shift, slope_t, slope_stride, act = _folded(x, mean, invstd, weight, bias, slope)
     args = (x, wt, out, scale, shift, slope_t, slope_stride, conv_bias if conv_bias is not None else scale,
             *sizes.values(), triton.next_power_of_2(M))
-    flags = dict(**shape, ACT=act, HAS_BIAS=conv_bias is not None, PRECISION=_precision(x.dtype),
+    flags = dict(**shape, ACT=act, HAS_BIAS=conv_bias is not None,
                  INDEX_64=_index_64(x, out))
     if INTERPRET:
-        config = _interpreter_config("fwd")
+        config = _interpreter_config(FWD_CONFIGS[_bits(x)])
         grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(sizes["Cout"], config["BLOCK_N"]),)
         _fwd_kernel[grid](*args, **flags, **config)
         return out
@@ -231,7 +238,7 @@ def conv_fwd(x, mean, invstd, weight, bias, slope, conv_weight, conv_bias, strid
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(sizes["Cout"], meta["BLOCK_N"]),)
 
-    _fwd_tuned[grid](*args, **flags)
+    _fwd_tuned[_bits(x)][grid](*args, **flags)
     return out
 
 
@@ -251,21 +258,21 @@ def conv_wgrad(grad_out, x, mean, invstd, weight, bias, slope, conv_weight, stri
     ksize, Cin, Cout = shape["KSIZE"], sizes["Cin"], sizes["Cout"]
     M = sizes["N"] * sizes["OH"] * sizes["OW"]
     scale, shift, slope_t, slope_stride, act = _folded(x, mean, invstd, weight, bias, slope)
-    config = _interpreter_config("wgrad") if INTERPRET else None
     splits, per_split = _wgrad_split(M, ksize * ksize * triton.cdiv(Cin, 64), triton.cdiv(Cout, 64), WGRAD_BLOCK_M)
     partials = torch.zeros((splits, ksize * ksize * Cin, Cout), dtype=torch.float32, device=x.device)
     if M:
         args = (x, grad_out, partials, scale, shift, slope_t, slope_stride, *sizes.values(), per_split,
                 triton.next_power_of_2(M))
-        flags = dict(**shape, ACT=act, PRECISION=_precision(x.dtype), INDEX_64=_index_64(x, grad_out))
+        flags = dict(**shape, ACT=act, INDEX_64=_index_64(x, grad_out))
         if INTERPRET:
+            config = _interpreter_config(WGRAD_CONFIGS[_bits(x)])
             grid = (ksize * ksize * triton.cdiv(Cin, config["BLOCK_K"]), triton.cdiv(Cout, config["BLOCK_N"]), splits)
             _wgrad_kernel[grid](*args, **flags, **config)
         else:
             def grid(meta):
                 return (ksize * ksize * triton.cdiv(Cin, meta["BLOCK_K"]), triton.cdiv(Cout, meta["BLOCK_N"]), splits)
 
-            _wgrad_tuned[grid](*args, **flags)
+            _wgrad_tuned[_bits(x)][grid](*args, **flags)
     grad_t = partials.sum(0) if splits > 1 else partials[0]  # fixed-order sum over the splits
     grad = grad_t.reshape(ksize, ksize, Cin, Cout).permute(3, 2, 0, 1)
     return torch.empty_like(conv_weight).copy_(grad)

@@ -1,5 +1,6 @@
 """Ahead-of-time compilation of every Triton kernel, every config and every input dtype for sm_80 and sm_90,
 without a GPU, asserting that ptxas reports zero register spills."""
+import importlib
 import itertools
 import os
 import re
@@ -16,12 +17,41 @@ from triton.compiler import ASTSource  # noqa: E402
 
 ARCHS = (80, 90)
 DTYPES = ("fp32", "fp16", "bf16", "fp64")
-DATA_POINTERS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr"}  # in the input dtype; the rest in the statistics dtype
+# In the input dtype; the rest in the statistics dtype (fp32 for the convolutions' folded parameters/partials).
+DATA_POINTERS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr", "w_ptr", "out_ptr", "dout_ptr", "bias_ptr"}
 FLOAT_SCALARS = {"eps"}  # Python floats: Triton passes them as fp32
 
 
 def variants():
-    """(kernel name, constexprs, num_warps, input dtype) for every kernel, config and dtype."""
+    """(module, kernel name, constexprs, options, input dtype) for every kernel, config and dtype."""
+    for name, constexprs, num_warps, dtype in bn_act_variants():
+        yield "bn_act", name, constexprs, {"num_warps": num_warps}, dtype
+    yield from preact_conv_variants()
+
+
+def preact_conv_variants():
+    """Every config of each element size in its dtypes at one geometry; every geometry, activation and index
+    width at each list's first config."""
+    from fusedrect.kernels import preact_conv as K
+
+    prelu, relu = K.PRELU.value, K.RELU.value
+    for kernel, config_lists in (("_fwd_kernel", K.FWD_CONFIGS), ("_wgrad_kernel", K.WGRAD_CONFIGS)):
+        bias = {"HAS_BIAS": True} if kernel == "_fwd_kernel" else {}
+        for bits, dtypes in (("16", ("fp16", "bf16")), ("32", ("fp32",))):
+            for dtype, (i, config) in itertools.product(dtypes, enumerate(config_lists[bits])):
+                options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+                geometries = [(3, 1, 1, prelu, False)]
+                if i == 0:
+                    geometries += [(1, 1, 0, relu, False), (1, 2, 0, prelu, True), (3, 2, 1, relu, True),
+                                   (3, 2, 1, prelu, True)]
+                for ksize, stride, pad, act, index_64 in geometries:
+                    constexprs = dict(KSIZE=ksize, STRIDE=stride, PAD=pad, ACT=act, INDEX_64=index_64, **bias,
+                                      **config.kwargs)
+                    yield "preact_conv", kernel, constexprs, options, dtype
+
+
+def bn_act_variants():
+    """(kernel name, constexprs, num_warps, input dtype) for every kernel, config and dtype of bn_act."""
     from fusedrect.kernels import bn_act as K
 
     def acc(dtype):
@@ -74,14 +104,12 @@ def signature(fn, constexprs, dtype):
 
 def compile_and_count_spills(job):
     """Compiles one variant for one arch; returns (description, spill bytes or an error message)."""
-    name, constexprs, num_warps, dtype, arch = job
-    from fusedrect.kernels import bn_act as K
-
-    fn = getattr(K, name)
-    label = f"{name} {dtype} sm_{arch} warps={num_warps} {constexprs}"
+    module, name, constexprs, options, dtype, arch = job
+    fn = getattr(importlib.import_module(f"fusedrect.kernels.{module}"), name)
+    label = f"{module}.{name} {dtype} sm_{arch} {options} {constexprs}"
     try:
         kernel = triton.compile(ASTSource(fn, signature(fn, constexprs, dtype), constexprs),
-                                target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+                                target=GPUTarget("cuda", arch, 32), options=options)
         ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
         with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
             ptx.write(kernel.asm["ptx"])
@@ -101,5 +129,6 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills():
         results = list(pool.map(compile_and_count_spills, jobs, chunksize=4))
     failures = [f"{label}: {outcome}" for label, outcome in results if outcome != 0]
     assert not failures, "\n".join(failures[:20])
-    assert {name for name, *_ in variants()} == {n for n in dir(__import__("fusedrect.kernels.bn_act",
-                                                                            fromlist=["x"])) if n.endswith("_kernel")}
+    for module in ("bn_act", "preact_conv"):
+        kernels = {n for n in dir(importlib.import_module(f"fusedrect.kernels.{module}")) if n.endswith("_kernel")}
+        assert {name for m, name, *_ in variants() if m == module} == kernels
