@@ -76,6 +76,7 @@ class _Impl:
             grad_a, grad_conv_weight, _ = aten.convolution_backward(grad_out, a, conv_weight, None, *conv_args,
                                                                     [True, True, False])
             del a
+            grad_conv_weight = _like(grad_conv_weight, conv_weight)
         grad_conv_bias = grad_out.sum((0, 2, 3)) if has_conv_bias else grad_out.new_empty((0,))
         grads = self.bn["bn_act_bwd"](_like(grad_a, x), x, mean, invstd, weight, bias, slope, batch_stats)
         return (*grads, grad_conv_weight, grad_conv_bias)
