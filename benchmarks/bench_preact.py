@@ -1,0 +1,269 @@
+"""Benchmark of fused pre-activation convolutions and pre-activation ResNet training against eager PyTorch
+and torch.compile.
+
+Two parts, in one run:
+  units    BN -> act -> conv (1x1 and 3x3, C -> C, "same" padding) at the ResNet stage shapes, training
+           forward + backward. Providers: ``eager`` (nn.BatchNorm2d, nn.ReLU/nn.PReLU, nn.Conv2d), ``compile``
+           (torch.compile of it), ``split`` (fusedrect's BN + act kernel, then the framework's convolution) and
+           ``fusedrect`` (FusedPreActConv2d).
+  network  whole training steps (forward, cross-entropy, backward, SGD step) of preact_resnet(depth): ``eager``
+           (the plain-module network), ``compile`` (torch.compile of it) and ``fusedrect`` (the fused network
+           with the same weights). Throughput, step time, and memory: bytes saved for backward (every device)
+           and peak allocated memory of a step (CUDA).
+
+    python benchmarks/bench_preact.py --json benchmarks/results/preact_cpu.json --plot benchmarks/results/preact_cpu.png
+    python benchmarks/bench_preact.py --device cuda --dtype bf16
+"""
+import argparse
+import copy
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fusedrect
+from fusedrect.resnet import preact_resnet
+
+from common import (DTYPES, Progress, format_table, geometric_mean, machine_info, median_ms, saved_bytes,
+                    synchronize, write_json)
+
+DEFAULTS = {  # per device: unit shapes, network depth, batch and image size
+    "cpu": {"units": "8x64x56x56,8x128x28x28,8x256x14x14,8x512x7x7", "depth": 20, "batch": 32, "image": 32},
+    "cuda": {"units": "32x64x56x56,32x128x28x28,32x256x14x14,32x512x7x7", "depth": 50, "batch": 64, "image": 224},
+}
+UNIT_PROVIDERS = ("eager", "compile", "split", "fusedrect")
+NETWORK_PROVIDERS = ("eager", "compile", "fusedrect")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--activation", choices=("relu", "prelu"), default="relu")
+    p.add_argument("--layout", choices=("nchw", "channels_last"), default="channels_last")
+    p.add_argument("--units", help="comma-separated NxCxHxW of the single units (default: ResNet stages)")
+    p.add_argument("--kernels", default="1,3", help="kernel sizes of the single units")
+    p.add_argument("--depth", type=int, help="preact_resnet depth of the network part (0: skip it)")
+    p.add_argument("--batch", type=int, help="batch size of the network part")
+    p.add_argument("--image-size", type=int, help="input height and width of the network part")
+    p.add_argument("--providers", default=",".join(UNIT_PROVIDERS))
+    p.add_argument("--iters", type=int, default=10, help="timed iterations (median reported)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--json", help="write one record per measurement to this path")
+    p.add_argument("--plot", help="write a PNG bar chart of the speedups to this path")
+    args = p.parse_args(argv)
+    args.device = torch.device(args.device)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    defaults = DEFAULTS["cuda" if args.device.type == "cuda" else "cpu"]
+    units = args.units if args.units is not None else defaults["units"]
+    args.units = [tuple(int(d) for d in s.split("x")) for s in units.split(",")] if units else []
+    args.kernels = [int(k) for k in args.kernels.split(",")]
+    args.depth = defaults["depth"] if args.depth is None else args.depth
+    args.batch = args.batch or defaults["batch"]
+    args.image_size = args.image_size or defaults["image"]
+    args.providers = args.providers.split(",")
+    unknown = set(args.providers) - set(UNIT_PROVIDERS)
+    if unknown:
+        p.error(f"--providers: unknown {sorted(unknown)}; expected some of {UNIT_PROVIDERS}")
+    return args
+
+
+def to_layout(t, layout):
+    return t.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else t
+
+
+def module_to(module, args, dtype):
+    """``module`` on the benchmark's device and dtype, its 4-D weights in the benchmark's layout."""
+    fmt = torch.channels_last if args.layout == "channels_last" else torch.contiguous_format
+    return module.to(args.device, dtype, memory_format=fmt)
+
+
+def unit_providers(args, channels, kernel, dtype):
+    """(provider, module) for the unit BN -> act -> conv(channels -> channels, kernel)."""
+    fused = fusedrect.FusedPreActConv2d(channels, channels, kernel, padding=kernel // 2, activation=args.activation)
+    fused = module_to(fused, args, dtype)
+    eager = fused.to_modules()
+    found = {"eager": eager, "fusedrect": fused}
+    if "compile" in args.providers:
+        torch._dynamo.reset()  # one compiled graph per configuration, never a recompile limit
+        found["compile"] = torch.compile(copy.deepcopy(eager))
+    if "split" in args.providers:
+        bn_act = fusedrect.FusedBNPReLU if args.activation == "prelu" else fusedrect.FusedBNReLU
+        found["split"] = nn.Sequential(bn_act.from_modules(eager[0], eager[1]), copy.deepcopy(eager[2]))
+    return [(p, found[p]) for p in UNIT_PROVIDERS if p in args.providers]
+
+
+def run_units(args, dtype, progress):
+    records = []
+    for shape in args.units:
+        for kernel in args.kernels:
+            progress.step(f"unit {kernel}x{kernel} {'x'.join(map(str, shape))}")
+            x = to_layout(torch.randn(shape, device=args.device, dtype=dtype), args.layout).requires_grad_()
+            grad = to_layout(torch.randn(shape, device=args.device, dtype=dtype), args.layout)
+            for provider, module in unit_providers(args, shape[1], kernel, dtype):
+                module.train()
+
+                def step(module=module):
+                    x.grad = None
+                    module(x).backward(grad)
+
+                records.append({
+                    "part": "unit", "provider": provider, "kernel": kernel, "shape": list(shape),
+                    "activation": args.activation, "memory_format": args.layout, "dtype": args.dtype,
+                    "device": str(args.device), "median_ms": median_ms(step, args.device, args.warmup, args.iters),
+                    "saved_bytes": saved_bytes(functools.partial(module, x)),
+                })
+    return records
+
+
+def network_providers(args, dtype):
+    fused = module_to(preact_resnet(args.depth, activation=args.activation, fused=True), args, dtype)
+    eager = fusedrect.revert_model(copy.deepcopy(fused))
+    found = {"eager": eager, "fusedrect": fused}
+    if "compile" in args.providers:
+        torch._dynamo.reset()
+        found["compile"] = torch.compile(copy.deepcopy(eager))
+    return [(p, found[p]) for p in NETWORK_PROVIDERS if p in args.providers]
+
+
+def peak_step_bytes(step, device):
+    """Peak allocated memory of one step on CUDA (above what was allocated before it); None elsewhere."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def run_network(args, dtype, progress):
+    records = []
+    shape = (args.batch, 3, args.image_size, args.image_size)
+    x = to_layout(torch.randn(shape, device=args.device, dtype=dtype), args.layout)
+    num_classes = 10 if args.depth in (20, 32, 44, 56, 110, 164, 1001) else 1000
+    target = torch.randint(0, num_classes, (args.batch,), device=args.device)
+    for provider, model in network_providers(args, dtype):
+        progress.step(f"network preact_resnet{args.depth} {provider}")
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+        def step(model=model, optimizer=optimizer):
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), target).backward()
+            optimizer.step()
+
+        ms = median_ms(step, args.device, args.warmup, args.iters)
+        records.append({
+            "part": "network", "provider": provider, "depth": args.depth, "shape": list(shape),
+            "activation": args.activation, "memory_format": args.layout, "dtype": args.dtype,
+            "device": str(args.device), "median_ms": ms, "images_per_s": args.batch / ms * 1e3,
+            "saved_bytes": saved_bytes(functools.partial(model, x)) if provider != "compile" else None,
+            "peak_bytes": peak_step_bytes(step, args.device),
+        })
+    return records
+
+
+def run(args):
+    dtype = DTYPES[args.dtype]
+    networks = len([p for p in NETWORK_PROVIDERS if p in args.providers]) if args.depth else 0
+    progress = Progress(len(args.units) * len(args.kernels) + networks)
+    records = run_units(args, dtype, progress)
+    if args.depth:
+        records += run_network(args, dtype, progress)
+    return records
+
+
+def ratio(a, b):
+    return a / b if a and b else float("nan")
+
+
+def report(records):
+    lines = []
+    units = {}
+    for r in records:
+        if r["part"] == "unit":
+            units.setdefault((r["kernel"], tuple(r["shape"])), {})[r["provider"]] = r
+    if units:
+        rows, speedups = [], {"eager": [], "compile": [], "split": []}
+        for (kernel, shape), res in units.items():
+            ours = res.get("fusedrect")
+            row = [f"{kernel}x{kernel}", "x".join(map(str, shape))]
+            for p in UNIT_PROVIDERS:
+                row.append(f"{res[p]['median_ms']:.3f}" if p in res else "-")
+            for other in speedups:
+                s = ratio(res[other]["median_ms"], ours["median_ms"]) if other in res and ours else float("nan")
+                speedups[other].append(s)
+                row.append(f"{s:.2f}x")
+            row.append(f"{ratio(ours['saved_bytes'], res['eager']['saved_bytes']):.2f}" if ours and "eager" in res
+                       else "-")
+            rows.append(row)
+        rows.append(["geomean", "", "", "", "", "", *(f"{geometric_mean(v):.2f}x" for v in speedups.values()), ""])
+        lines += ["Pre-activation units, training forward + backward (ms; fusedrect speedup over each provider; "
+                  "saved bytes as a fraction of eager's)",
+                  format_table(["kernel", "shape", *(f"{p} ms" for p in UNIT_PROVIDERS), "vs eager", "vs compile",
+                                "vs split", "saved/eager"], rows), ""]
+    network = {r["provider"]: r for r in records if r["part"] == "network"}
+    if network:
+        eager = network.get("eager")
+        rows = []
+        for provider, r in network.items():
+            rows.append([
+                provider, f"{r['median_ms']:.1f}", f"{r['images_per_s']:.1f}",
+                f"{ratio(r['images_per_s'], eager['images_per_s']):.2f}x" if eager else "-",
+                f"{r['saved_bytes'] / 2**20:.1f}" if r["saved_bytes"] else "-",
+                f"{ratio(r['saved_bytes'], eager['saved_bytes']):.2f}" if eager and r["saved_bytes"] else "-",
+                f"{r['peak_bytes'] / 2**20:.1f}" if r["peak_bytes"] else "-",
+            ])
+        r0 = next(iter(network.values()))
+        lines += [f"preact_resnet{r0['depth']} training step, input {'x'.join(map(str, r0['shape']))} "
+                  f"({r0['activation']}, {r0['memory_format']}, {r0['dtype']}, {r0['device']})",
+                  format_table(["provider", "step ms", "images/s", "vs eager", "saved MiB", "saved/eager",
+                                "peak MiB"], rows)]
+    return "\n".join(lines)
+
+
+def plot(path, records):
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise SystemExit(f"--plot needs matplotlib ({error}); pip install matplotlib") from error
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    units = {}
+    for r in records:
+        key = (f"{r['kernel']}x{r['kernel']}\n{'x'.join(map(str, r['shape'][1:]))}" if r["part"] == "unit"
+               else f"preact_resnet{r['depth']}\nstep")
+        units.setdefault(key, {})[r["provider"]] = r["median_ms"]
+    others = [p for p in ("eager", "compile", "split") if any(p in v for v in units.values())]
+    fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(units)), 4))
+    width = 0.8 / max(1, len(others))
+    for i, other in enumerate(others):
+        values = [res[other] / res["fusedrect"] if other in res and "fusedrect" in res else 0 for res in units.values()]
+        ax.bar([j + i * width for j in range(len(units))], values, width, label=f"fusedrect vs {other}")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([j + (len(others) - 1) * width / 2 for j in range(len(units))])
+    ax.set_xticklabels(list(units), fontsize=7)
+    ax.set_ylabel("speedup (training)")
+    ax.set_title(f"Pre-activation units and network ({records[0]['device']}, {records[0]['dtype']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    records = run(args)
+    print(report(records))
+    if args.json:
+        write_json(args.json, records, machine_info(args.device))
+    if args.plot:
+        plot(args.plot, records)
+
+
+if __name__ == "__main__":
+    main()
