@@ -481,7 +481,7 @@ def batch_stats(x, eps):
 @_on_device
 def bn_stats(x):
     """Per-channel (mean, biased var) of x's batch (for SyncBN, which merges them over ranks)."""
-    mean, var, _invstd = _batch_stats(x, 0.0, _Geometry(x))  # invstd unused: no eps here
+    mean, var, _invstd = _batch_stats(x, 1.0, _Geometry(x))  # invstd unused (eps 1 keeps it finite)
     return mean, var
 
 
