@@ -163,9 +163,10 @@ def _module_scenario(rank, activation, layout, shape, sizes, momentum=0.1):
         y.backward(_split(grad, sizes, rank))
         param_grads = torch.cat([p.grad for p in synced.parameters()])
         dist.all_reduce(param_grads)  # each rank holds the gradients of its own share of the loss
+        expected_param_grads = torch.cat([p.grad for p in reference.parameters()])
         pairs += [(f"step {step} output", y, _split(expected, sizes, rank)),
                   (f"step {step} input gradient", local.grad, _split(leaf.grad, sizes, rank)),
-                  (f"step {step} parameter gradients", param_grads, torch.cat([p.grad for p in reference.parameters()])),
+                  (f"step {step} parameter gradients", param_grads, expected_param_grads),
                   (f"step {step} running mean", synced.running_mean, reference[0].running_mean),
                   (f"step {step} running var", synced.running_var, reference[0].running_var),
                   (f"step {step} batches", synced.num_batches_tracked, reference[0].num_batches_tracked)]
