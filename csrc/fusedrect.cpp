@@ -29,6 +29,18 @@ TORCH_LIBRARY(fusedrect, m) {
   m.def("bn_act_bwd_from_output(Tensor grad_out, Tensor output, Tensor invstd, Tensor? weight, Tensor? bias,"
         " Tensor slope) -> (Tensor, Tensor, Tensor, Tensor)");
 
+  // The halves of the training forward and backward, for SyncBN (fusedrect/ops/sync_bn.py), which combines
+  // them over ranks. Per-channel batch statistics of `input` alone: (mean, biased variance).
+  m.def("bn_stats(Tensor input) -> (Tensor, Tensor)");
+  // The reduce half of bn_act_bwd: with z = (x - mean) * invstd * weight + bias and dz = dy * (z > 0 ? 1 : a),
+  // returns (sum_dz, sum_dz_xhat, grad_slope) = (dbeta, dgamma, sum dy * min(z, 0)); grad_slope (C,), (0,) for ReLU.
+  m.def("bn_act_bwd_reduce(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight,"
+        " Tensor? bias, Tensor? slope) -> (Tensor, Tensor, Tensor)");
+  // The elementwise half: dx = weight * invstd * (dz - sum_dz / count - xhat * sum_dz_xhat / count), with the
+  // sums and the per-channel element count given (across all ranks, for SyncBN).
+  m.def("bn_act_bwd_elemt(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight,"
+        " Tensor? bias, Tensor? slope, Tensor sum_dz, Tensor sum_dz_xhat, int count) -> Tensor");
+
   // Pre-activation convolution conv2d(act(BN(x)), conv_weight, conv_bias) (He et al. 2016, "Identity Mappings
   // in Deep Residual Networks"): the activation is never stored. Training forward returns (out, mean, invstd).
   m.def("preact_conv_fwd_train(Tensor input, Tensor? weight, Tensor? bias, Tensor? slope, float eps,"

@@ -8,6 +8,7 @@ from fusedrect.convert import convert_model, revert_model
 from fusedrect.functional import bn_prelu, bn_relu, preact_conv2d
 from fusedrect.modules import FusedBNPReLU, FusedBNReLU, FusedPreActConv2d
 from fusedrect.ops._backend import BACKENDS, build_info
+from fusedrect.sync_batchnorm import FusedSyncBNPReLU, FusedSyncBNReLU, convert_sync_batchnorm
 
 __version__ = "0.1.0"
 
@@ -16,10 +17,13 @@ __all__ = [
     "FusedBNPReLU",
     "FusedBNReLU",
     "FusedPreActConv2d",
+    "FusedSyncBNPReLU",
+    "FusedSyncBNReLU",
     "bn_prelu",
     "bn_relu",
     "build_info",
     "convert_model",
+    "convert_sync_batchnorm",
     "functional",
     "init",
     "preact_conv2d",

@@ -9,9 +9,10 @@ import math
 import numbers
 
 import torch
+import torch.distributed as dist
 
 from fusedrect import reference
-from fusedrect.ops import _backend, bn_act, preact_conv
+from fusedrect.ops import _backend, bn_act, preact_conv, sync_bn
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -52,7 +53,7 @@ def _bn_act(input, running_mean, running_var, weight, bias, slope, training, mom
             _check_invertible(weight, slope, eps)
             train = bn_act.bn_act_train_memory_efficient
         y, mean, invstd = train(input, weight, bias, slope, eps, backend)
-        _update_running_stats(input, running_mean, running_var, mean, invstd, momentum, eps)
+        _update_running_stats(_count(input), running_mean, running_var, mean, invstd, momentum, eps)
         return y
     return bn_act.bn_act_eval(input, *_running_stats(input, running_mean, running_var, eps), weight, bias, slope,
                               backend)
@@ -75,10 +76,56 @@ def preact_conv2d(
     if training:
         out, mean, invstd = preact_conv.preact_conv_train(input, weight, bias, slope, eps, conv_weight, conv_bias,
                                                           *conv_args, backend)
-        _update_running_stats(input, running_mean, running_var, mean, invstd, momentum, eps)
+        _update_running_stats(_count(input), running_mean, running_var, mean, invstd, momentum, eps)
         return out
     return preact_conv.preact_conv_eval(input, *_running_stats(input, running_mean, running_var, eps), weight, bias,
                                         slope, conv_weight, conv_bias, *conv_args, backend)
+
+
+def sync_bn_prelu(
+    input, running_mean, running_var, weight=None, bias=None, slope=None, training=False, momentum=0.1, eps=1e-5,
+    process_group=None, *, backend=None,
+):
+    """:func:`bn_prelu` whose training batch statistics span every rank of ``process_group`` (a
+    ``torch.distributed`` process group; None: the whole world), as ``nn.SyncBatchNorm``: every rank of the group
+    must call it, with a batch of any size (empty included). Outside torch.distributed, with a single rank, or
+    with ``training=False`` it is :func:`bn_prelu`. ``backend`` as in :func:`bn_prelu`."""
+    if slope is None:
+        raise TypeError("slope: sync_bn_prelu needs a tensor of shape (1,) or (C,); use sync_bn_relu for ReLU")
+    return _sync_bn_act(input, running_mean, running_var, weight, bias, slope, training, momentum, eps,
+                        process_group, backend)
+
+
+def sync_bn_relu(
+    input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5,
+    process_group=None, *, backend=None,
+):
+    """:func:`bn_relu` with the batch statistics of every rank of ``process_group``, as :func:`sync_bn_prelu`."""
+    return _sync_bn_act(input, running_mean, running_var, weight, bias, None, training, momentum, eps, process_group,
+                        backend)
+
+
+def _sync_bn_act(input, running_mean, running_var, weight, bias, slope, training, momentum, eps, process_group,
+                 backend):
+    if process_group is not None and not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+        raise TypeError(f"process_group: expected a torch.distributed.ProcessGroup or None, got "
+                        f"{type(process_group).__name__}")
+    ranks = sync_bn.world_size(process_group) if training else 1
+    if ranks == 1:
+        return _bn_act(input, running_mean, running_var, weight, bias, slope, training, momentum, eps, backend)
+    _validate(input, running_mean, running_var, weight, bias, slope, training, momentum, eps, synced=True)
+    backend = _backend.resolve(backend, input.device)
+    y, mean, invstd, count = sync_bn.sync_bn_act_train(input, weight, bias, slope, eps, process_group, ranks, backend)
+    if count == 1:  # the same on every rank, so every rank raises
+        raise ValueError("Expected more than 1 value per channel when training, got 1 over all ranks of the "
+                         "process group")
+    _update_running_stats(count, running_mean, running_var, mean, invstd, momentum, eps)
+    return y
+
+
+def _count(input):
+    """Elements per channel."""
+    return input.numel() // input.shape[1] if input.shape[1] else 0
 
 
 def _running_stats(input, running_mean, running_var, eps):
@@ -89,11 +136,11 @@ def _running_stats(input, running_mean, running_var, eps):
     return running_mean.to(dtype), torch.rsqrt(running_var.to(dtype) + eps)
 
 
-def _update_running_stats(input, running_mean, running_var, mean, invstd, momentum, eps):
-    """running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance M/(M-1) var.
-    An empty batch leaves them as they are (as nn.BatchNorm does). ``momentum`` may be a 0-dim tensor (the
-    modules' cumulative average), which keeps the update free of host synchronisation under torch.compile."""
-    count = input.numel() // input.shape[1] if input.shape[1] else 0
+def _update_running_stats(count, running_mean, running_var, mean, invstd, momentum, eps):
+    """running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance M/(M-1) var of the
+    batch's ``count`` elements per channel. An empty batch leaves them as they are (as nn.BatchNorm does).
+    ``momentum`` may be a 0-dim tensor (the modules' cumulative average), which keeps the update free of host
+    synchronisation under torch.compile."""
     if count == 0:
         return
     with torch.no_grad():
@@ -123,7 +170,9 @@ def _check_invertible(weight, slope, eps):
                              f"but channel {int(bad[0, 0])}'s weight is {float(weight[bad[0, 0]]):g}")
 
 
-def _validate(input, running_mean, running_var, weight, bias, slope, training, momentum, eps):
+def _validate(input, running_mean, running_var, weight, bias, slope, training, momentum, eps, synced=False):
+    """Every argument of the BatchNorm part; ``synced``: the batch statistics span several ranks, so this rank's
+    batch may hold a single value per channel (or none)."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input: expected a torch.Tensor, got {type(input).__name__}")
     if input.dtype not in _FLOAT_DTYPES:
@@ -144,9 +193,8 @@ def _validate(input, running_mean, running_var, weight, bias, slope, training, m
             raise ValueError(f"momentum: expected a number or a one-element float tensor, got {momentum!r}")
     elif not isinstance(momentum, numbers.Real) or not math.isfinite(momentum):
         raise ValueError(f"momentum: expected a finite number, got {momentum!r}")
-    if training:
-        values = input.numel() // channels if channels else 0
-        if values == 1:
+    if training and not synced:
+        if _count(input) == 1:
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got input size {input.size()}"
             )

@@ -29,14 +29,23 @@ def bn_act_eval(x, mean, invstd, weight=None, bias=None, slope=None):
     return y.to(x.dtype)
 
 
-def batch_stats(x, eps):
-    """Per-channel mean and 1/sqrt(biased var + eps) over every dim but 1 (mean 0, var 0 for an empty batch)."""
-    dims = [0, *range(2, x.dim())]
+def _reduce_dims(x):
+    return [0, *range(2, x.dim())]
+
+
+def bn_stats(x):
+    """Per-channel mean and biased variance over every dim but 1 (mean 0, var 0 for an empty batch)."""
     xs = x.to(stats_dtype(x))
     if xs.numel() == 0:
         zeros = xs.new_zeros(x.shape[1])
-        return zeros, torch.rsqrt(zeros + eps)
-    return xs.mean(dims), torch.rsqrt(xs.var(dims, unbiased=False) + eps)
+        return zeros, zeros.clone()
+    return xs.mean(_reduce_dims(x)), xs.var(_reduce_dims(x), unbiased=False)
+
+
+def batch_stats(x, eps):
+    """Per-channel mean and 1/sqrt(biased var + eps) over every dim but 1 (mean 0, var 0 for an empty batch)."""
+    mean, var = bn_stats(x)
+    return mean, torch.rsqrt(var + eps)
 
 
 def bn_act_train(x, weight=None, bias=None, slope=None, eps=1e-5):
@@ -44,3 +53,40 @@ def bn_act_train(x, weight=None, bias=None, slope=None, eps=1e-5):
     mean, invstd = batch_stats(x, eps)
     y = bn_act_eval(x, mean, invstd, weight, bias, slope)
     return y, mean.detach(), invstd.detach()
+
+
+def _backward_terms(grad_out, x, mean, invstd, weight, bias, slope):
+    """(xhat, z, dz) in the statistics dtype: z = xhat * weight + bias, dz = dy * (z > 0 ? 1 : a)."""
+    dtype = stats_dtype(x)
+    xhat = (x.to(dtype) - _per_channel(mean.to(dtype), x)) * _per_channel(invstd.to(dtype), x)
+    z = xhat
+    if weight is not None:
+        z = z * _per_channel(weight.to(dtype), x)
+    if bias is not None:
+        z = z + _per_channel(bias.to(dtype), x)
+    dy = grad_out.to(dtype)
+    if slope is None:
+        dz = torch.where(z <= 0, 0.0, dy)
+    else:
+        dz = torch.where(z > 0, dy, _per_channel(slope.to(dtype).expand(x.shape[1]), x) * dy)
+    return xhat, z, dz
+
+
+def bn_act_bwd_reduce(grad_out, x, mean, invstd, weight=None, bias=None, slope=None):
+    """The per-channel sums of the backward: (sum dz, sum dz * xhat, sum dy * min(z, 0)), the last per channel
+    (shape (C,); (0,) for ReLU)."""
+    xhat, z, dz = _backward_terms(grad_out, x, mean, invstd, weight, bias, slope)
+    dims = _reduce_dims(x)
+    grad_slope = (grad_out.to(z.dtype) * z.clamp(max=0)).sum(dims) if slope is not None else z.new_zeros(0)
+    return dz.sum(dims), (dz * xhat).sum(dims), grad_slope
+
+
+def bn_act_bwd_elemt(grad_out, x, mean, invstd, weight, bias, slope, sum_dz, sum_dz_xhat, count):
+    """dx = weight * invstd * (dz - sum_dz / count - xhat * sum_dz_xhat / count): the input gradient with the
+    per-channel sums and element count of the whole batch given (over every rank, for SyncBN)."""
+    xhat, _z, dz = _backward_terms(grad_out, x, mean, invstd, weight, bias, slope)
+    dtype = xhat.dtype
+    scale = invstd.to(dtype) if weight is None else invstd.to(dtype) * weight.to(dtype)
+    dx = _per_channel(scale, x) * (dz - _per_channel(sum_dz.to(dtype) / count, x)
+                                   - xhat * _per_channel(sum_dz_xhat.to(dtype) / count, x))
+    return dx.to(x.dtype)

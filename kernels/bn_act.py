@@ -8,6 +8,8 @@ elements (see shared/DESIGN.md):
     backward  dz = dy * (z > 0 ? 1 : a),  dbeta = sum dz,  dgamma = invstd * sum dz * (x - mean),
               da = sum dy * min(z, 0),    dx = gamma * invstd * (dz - dbeta / M - xhat * dgamma / M)
               (with running statistics: dx = gamma * invstd * dz)
+SyncBN runs the same kernels in halves: bn_stats (mean, var), bn_act_bwd_reduce (dbeta, dgamma, da) and
+bn_act_bwd_elemt (dx with M and the sums taken over every rank).
 
 The input (N, C, *spatial) is viewed as (N, C, S). Reductions use a tiling per layout:
     NCHW           grid (C, G): program (c, g) walks a contiguous share of channel c's M elements;
@@ -143,9 +145,10 @@ def _rsqrt_rounded(v, ACC: tl.constexpr):
 
 
 @triton.jit
-def _stats_merge_kernel(part_mean_ptr, part_m2_ptr, mean_ptr, invstd_ptr, C, G, CHUNK, M, eps,
+def _stats_merge_kernel(part_mean_ptr, part_m2_ptr, mean_ptr, var_ptr, invstd_ptr, C, G, CHUNK, M, eps,
                         BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     # Partial g holds min(CHUNK, M - g * CHUNK) elements of every channel; merged in order g = 0, 1, ...
+    # Writes the mean, the biased variance var = M2 / M and invstd = 1 / sqrt(var + eps).
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     count = tl.zeros((), ACC)
@@ -156,8 +159,10 @@ def _stats_merge_kernel(part_mean_ptr, part_m2_ptr, mean_ptr, invstd_ptr, C, G, 
         b_mean = tl.load(part_mean_ptr + g * C + cols, mask=col_mask, other=0.0)
         b_m2 = tl.load(part_m2_ptr + g * C + cols, mask=col_mask, other=0.0)
         count, mean, m2 = _chan_merge(count, mean, m2, b_count, b_mean, b_m2)
+    var = m2 / M
     tl.store(mean_ptr + cols, mean, mask=col_mask)
-    tl.store(invstd_ptr + cols, _rsqrt_rounded(m2 / M + eps, ACC), mask=col_mask)
+    tl.store(var_ptr + cols, var, mask=col_mask)
+    tl.store(invstd_ptr + cols, _rsqrt_rounded(var + eps, ACC), mask=col_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -460,7 +465,7 @@ def bn_act_fwd_train(x, weight, bias, slope, eps):
     """Training forward: (y, mean, invstd) with fp32 (fp64 for fp64 input) statistics."""
     geo = _Geometry(x)
     y = torch.empty_like(x)
-    mean, invstd = _batch_stats(x, eps, geo)
+    mean, _var, invstd = _batch_stats(x, eps, geo)
     if geo.M:
         _apply(x, y, mean, invstd, weight, bias, slope, geo)
     return y, mean, invstd
@@ -469,14 +474,23 @@ def bn_act_fwd_train(x, weight, bias, slope, eps):
 @_on_device
 def batch_stats(x, eps):
     """Per-channel (mean, invstd) of x's batch: the statistics half of the training forward."""
-    return _batch_stats(x, eps, _Geometry(x))
+    mean, _var, invstd = _batch_stats(x, eps, _Geometry(x))
+    return mean, invstd
+
+
+@_on_device
+def bn_stats(x):
+    """Per-channel (mean, biased var) of x's batch (for SyncBN, which merges them over ranks)."""
+    mean, var, _invstd = _batch_stats(x, 1.0, _Geometry(x))  # invstd unused (eps 1 keeps it finite)
+    return mean, var
 
 
 def _batch_stats(x, eps, geo):
+    """(mean, var, invstd) per channel; mean 0, var 0 for an empty batch."""
     stats = _stats_dtype(x)
     if geo.M == 0:
         zeros = torch.zeros(geo.C, dtype=stats, device=x.device)
-        return zeros, torch.full_like(zeros, 1.0 / eps**0.5)
+        return zeros, zeros.clone(), torch.full_like(zeros, eps).rsqrt_()
     part_mean = torch.empty(geo.groups, geo.C, dtype=stats, device=x.device)
     part_m2 = torch.empty_like(part_mean)
     acc = _acc(x)
@@ -489,11 +503,11 @@ def _batch_stats(x, eps, geo):
             x, part_mean, part_m2, geo.C, geo.S, geo.M, geo.iters,
             BLOCK=REDUCE_BLOCK, ACC=acc, INDEX_64=geo.index_64, num_warps=REDUCE_WARPS)
     mean = torch.empty(geo.C, dtype=stats, device=x.device)
-    invstd = torch.empty_like(mean)
+    var, invstd = torch.empty_like(mean), torch.empty_like(mean)
     _stats_merge_kernel[(triton.cdiv(geo.C, FINALIZE_BLOCK_C),)](
-        part_mean, part_m2, mean, invstd, geo.C, geo.groups, geo.chunk, geo.M, eps,
+        part_mean, part_m2, mean, var, invstd, geo.C, geo.groups, geo.chunk, geo.M, eps,
         BLOCK_C=FINALIZE_BLOCK_C, ACC=acc)
-    return mean, invstd
+    return mean, var, invstd
 
 
 @_on_device
@@ -520,7 +534,7 @@ def _apply(x, y, mean, invstd, weight, bias, slope, geo):
 def bn_act_bwd(grad_out, x, mean, invstd, weight, bias, slope, batch_stats):
     """Backward: (grad_input, grad_weight, grad_bias, grad_slope); per-channel gradients in the statistics
     dtype, grad_slope per channel ((0,) for ReLU)."""
-    return _backward(grad_out, x, mean, invstd, weight, bias, slope, batch_stats, False)
+    return _backward(_BackwardArgs(grad_out, x, mean, invstd, weight, bias, slope, False), batch_stats)
 
 
 @_on_device
@@ -528,28 +542,62 @@ def bn_act_bwd_from_output(grad_out, output, invstd, weight, bias, slope):
     """Training backward of BatchNorm + PReLU from the output y (memory-efficient mode; every slope > 0 and
     every weight != 0): as bn_act_bwd."""
     mean = torch.zeros(output.shape[1], dtype=_stats_dtype(output), device=output.device)  # unused
-    return _backward(grad_out, output, mean, invstd, weight, bias, slope, True, True)
+    return _backward(_BackwardArgs(grad_out, output, mean, invstd, weight, bias, slope, True), True)
 
 
-def _backward(grad_out, x, mean, invstd, weight, bias, slope, batch_stats, from_output):
-    """x is the input, or the output where from_output."""
-    geo = _Geometry(x)
-    if channels_last(grad_out) != geo.channels_last or grad_out.shape != x.shape:
-        raise ValueError("grad_out: expected the shape and memory layout of input")
-    stats = _stats_dtype(x)
-    mean, invstd = _per_channel(mean, stats), _per_channel(invstd, stats)
-    weight, bias, affine = _affine_args(weight, bias, geo.C, stats, x.device)
-    slope, slope_stride, act = _slope_args(slope)
-    grad_weight = torch.zeros(geo.C, dtype=stats, device=x.device)
-    grad_bias = torch.zeros_like(grad_weight)
-    grad_slope = torch.zeros(geo.C if act == PRELU.value else 0, dtype=stats, device=x.device)
-    grad_input = torch.empty_like(x)
+@_on_device
+def bn_act_bwd_reduce(grad_out, x, mean, invstd, weight, bias, slope):
+    """The reduce half of bn_act_bwd (for SyncBN): (sum_dz, sum_dz_xhat, grad_slope) = (dbeta, dgamma, da)."""
+    return _backward_sums(_BackwardArgs(grad_out, x, mean, invstd, weight, bias, slope, False))
+
+
+@_on_device
+def bn_act_bwd_elemt(grad_out, x, mean, invstd, weight, bias, slope, sum_dz, sum_dz_xhat, count):
+    """The elementwise half of bn_act_bwd (for SyncBN): dx, with the per-channel sums and the element count per
+    channel given (over every rank)."""
+    args = _BackwardArgs(grad_out, x, mean, invstd, weight, bias, slope, False)
+    if args.geo.M and count < args.geo.M:
+        raise ValueError(f"count: expected at least the input's {args.geo.M} elements per channel, got {count}")
+    return _grad_input(args, _per_channel(sum_dz, args.stats), _per_channel(sum_dz_xhat, args.stats), count, True)
+
+
+class _BackwardArgs:
+    """The arguments of the backward kernels: x is the input, or the output where from_output."""
+
+    def __init__(self, grad_out, x, mean, invstd, weight, bias, slope, from_output):
+        self.geo = _Geometry(x)
+        if channels_last(grad_out) != self.geo.channels_last or grad_out.shape != x.shape:
+            raise ValueError("grad_out: expected the shape and memory layout of input")
+        self.stats = _stats_dtype(x)
+        self.grad_out, self.x, self.from_output = grad_out, x, from_output
+        self.mean, self.invstd = _per_channel(mean, self.stats), _per_channel(invstd, self.stats)
+        self.weight, self.bias, self.affine = _affine_args(weight, bias, self.geo.C, self.stats, x.device)
+        self.slope, self.slope_stride, self.act = _slope_args(slope)
+
+    def kernel_args(self):
+        """The leading arguments every backward kernel takes."""
+        return (self.mean, self.invstd, self.weight, self.bias, self.slope, self.slope_stride)
+
+
+def _backward(args, batch_stats):
+    """Both halves: (grad_input, grad_weight, grad_bias, grad_slope)."""
+    sum_dz, sum_dz_xhat, grad_slope = _backward_sums(args)
+    return _grad_input(args, sum_dz, sum_dz_xhat, args.geo.M, batch_stats), sum_dz_xhat, sum_dz, grad_slope
+
+
+def _backward_sums(args):
+    """Per-program partials of sum dz, sum dz * (x - mean) and sum dy * min(z, 0), then a fixed-order sum over
+    programs: (sum_dz, sum_dz_xhat = invstd * sum dz * (x - mean), grad_slope)."""
+    geo, device = args.geo, args.x.device
+    sum_dz = torch.zeros(geo.C, dtype=args.stats, device=device)
+    sum_dz_xhat = torch.zeros_like(sum_dz)
+    grad_slope = torch.zeros(geo.C if args.act == PRELU.value else 0, dtype=args.stats, device=device)
     if geo.M == 0:
-        return grad_input, grad_weight, grad_bias, grad_slope
-    acc = _acc(x)
-    partials = torch.empty(3, geo.groups, geo.C, dtype=stats, device=x.device)
-    common = (grad_out, x, mean, invstd, weight, bias, slope, slope_stride, partials)
-    flags = dict(ACT=act, AFFINE=affine, ACC=acc, INDEX_64=geo.index_64, FROM_OUTPUT=from_output,
+        return sum_dz, sum_dz_xhat, grad_slope
+    acc = _acc(args.x)
+    partials = torch.empty(3, geo.groups, geo.C, dtype=args.stats, device=device)
+    common = (args.grad_out, args.x, *args.kernel_args(), partials)
+    flags = dict(ACT=args.act, AFFINE=args.affine, ACC=acc, INDEX_64=geo.index_64, FROM_OUTPUT=args.from_output,
                  num_warps=REDUCE_WARPS)
     if geo.channels_last:
         _bwd_reduce_cl_kernel[(geo.groups, triton.cdiv(geo.C, REDUCE_BLOCK_C))](
@@ -558,12 +606,21 @@ def _backward(grad_out, x, mean, invstd, weight, bias, slope, batch_stats, from_
         _bwd_reduce_nchw_kernel[(geo.C, geo.groups)](
             *common, geo.C, geo.S, geo.M, geo.groups, geo.iters, BLOCK=REDUCE_BLOCK, **flags)
     _bwd_finalize_kernel[(triton.cdiv(geo.C, FINALIZE_BLOCK_C),)](
-        partials, invstd, grad_weight, grad_bias, grad_slope, geo.C, geo.groups,
-        ACT=act, BLOCK_C=FINALIZE_BLOCK_C, ACC=acc)
+        partials, args.invstd, sum_dz_xhat, sum_dz, grad_slope, geo.C, geo.groups,
+        ACT=args.act, BLOCK_C=FINALIZE_BLOCK_C, ACC=acc)
+    return sum_dz, sum_dz_xhat, grad_slope
+
+
+def _grad_input(args, sum_dz, sum_dz_xhat, count, batch_stats):
+    """dx = gamma * invstd * (dz - sum_dz / count - xhat * sum_dz_xhat / count) (batch_stats), else
+    gamma * invstd * dz."""
+    geo = args.geo
+    grad_input = torch.empty_like(args.x)
+    if geo.M == 0:
+        return grad_input
     _elementwise_launch(
-        _dx_kernel, _dx_from_output_tuned if from_output else _dx_tuned, geo,
-        (grad_out, x, grad_input, mean, invstd, weight, bias, slope, slope_stride, grad_weight, grad_bias,
-         geo.M, geo.C),
-        dict(ACT=act, AFFINE=affine, CHANNELS_LAST=geo.channels_last, ACC=acc, INDEX_64=geo.index_64,
-             BATCH_STATS=batch_stats, FROM_OUTPUT=from_output))
-    return grad_input, grad_weight, grad_bias, grad_slope
+        _dx_kernel, _dx_from_output_tuned if args.from_output else _dx_tuned, geo,
+        (args.grad_out, args.x, grad_input, *args.kernel_args(), sum_dz_xhat, sum_dz, count, geo.C),
+        dict(ACT=args.act, AFFINE=args.affine, CHANNELS_LAST=geo.channels_last, ACC=_acc(args.x),
+             INDEX_64=geo.index_64, BATCH_STATS=batch_stats, FROM_OUTPUT=args.from_output))
+    return grad_input

@@ -35,3 +35,16 @@ def test_opcheck(x, params):
         torch.library.opcheck(
             torch.ops.fusedrect.bn_act_bwd.default, (grad_out, x.detach(), mean, invstd, *detached, batch_stats)
         )
+
+
+@pytest.mark.parametrize("x, params", list(samples()))
+def test_opcheck_sync_bn_halves(x, params):
+    """The ops of SyncBN have no autograd of their own: checked without gradients."""
+    torch.library.opcheck(torch.ops.fusedrect.bn_stats.default, (x,))
+    mean, invstd = reference.batch_stats(x, 1e-5)
+    grad_out = torch.randn_like(x)
+    sum_dz, sum_dz_xhat, _ = torch.ops.fusedrect.bn_act_bwd_reduce(grad_out, x, mean, invstd, *params)
+    torch.library.opcheck(torch.ops.fusedrect.bn_act_bwd_reduce.default, (grad_out, x, mean, invstd, *params))
+    count = 2 * (x.numel() // x.shape[1])
+    torch.library.opcheck(torch.ops.fusedrect.bn_act_bwd_elemt.default,
+                          (grad_out, x, mean, invstd, *params, sum_dz, sum_dz_xhat, count))

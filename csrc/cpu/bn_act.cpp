@@ -5,6 +5,8 @@
 //   backward  dz = dy * (z > 0 ? 1 : a),  dbeta = sum dz,  dgamma = invstd * sum dz * (x - mean),
 //             da = sum dy * min(z, 0),  dx = A * dz + B * (x - mean) + D  with A = gamma * invstd and, when
 //             the batch statistics were used, B = -A * invstd * dgamma / M and D = -A * dbeta / M (else 0).
+// SyncBN runs the halves as separate ops: bn_stats (mean, var), bn_act_bwd_reduce (dbeta, dgamma, da) and
+// bn_act_bwd_elemt (dx with M and the sums taken over every rank).
 // Every pass walks the tiles of tiling.h; reductions write per-tile partials merged in a fixed order.
 #include <ATen/Dispatch.h>
 #include <ATen/Functions.h>
@@ -115,11 +117,22 @@ inline std::pair<Vec, Vec> centred_and_z(const Params& P, const Vec& v) {
   }
 }
 
+// The per-channel rows from which a pass recomputes (x - mean, z) and dz (centred_and_z, grad_z).
+template <bool kPReLU, bool kFromOutput, typename T>
+ParamPtrs<T, kPReLU ? 4 : 3> z_params(const ChannelTable<T>& table) {
+  ParamPtrs<T, kPReLU ? 4 : 3> p;
+  p[0] = table.row(kFromOutput ? kInvScale : kMean);
+  p[1] = table.row(kFromOutput ? kInvSlope : kScale);
+  p[2] = table.row(kBeta);
+  if constexpr (kPReLU) p[3] = table.row(kSlope);
+  return p;
+}
+
 // Batch statistics: per tile, the local mean and sum of squared deviations from it (two passes over a
 // tile that sits in cache, the second one corrected), then Chan et al.'s pairwise merge of the tiles in a
-// fixed order, in fp64.
-template <typename scalar_t>
-void batch_stats(const Geometry& geo, const scalar_t* x, double eps, Tensor& mean, Tensor& invstd) {
+// fixed order, in fp64. Calls store(c, mean_c, var_c) with channel c's mean and biased variance, in fp64.
+template <typename scalar_t, typename Store>
+void batch_stats(const Geometry& geo, const scalar_t* x, const Store& store) {
   using T = opmath_t<scalar_t>;
   using Vec = MathVec<scalar_t>;
   const Tiling t = tiling_of(geo);
@@ -148,8 +161,6 @@ void batch_stats(const Geometry& geo, const scalar_t* x, double eps, Tensor& mea
   // Chan's merge: with n elements merged so far and nb in tile row g (the same for every channel),
   //   delta = mean_g - mean,  mean += delta * nb / (n + nb),  m2 += m2_g + delta^2 * n * nb / (n + nb).
   // Rows in order, channels innermost (contiguous, vectorised by the compiler), in fp64.
-  T* mean_out = mean.mutable_data_ptr<T>();
-  T* invstd_out = invstd.mutable_data_ptr<T>();
   const std::vector<int64_t> counts = tile_counts(geo, t);
   const double M = double(geo.per_channel());
   at::parallel_for(0, C, kMergeGrain, [&](int64_t begin, int64_t end) {
@@ -169,10 +180,7 @@ void batch_stats(const Geometry& geo, const scalar_t* x, double eps, Tensor& mea
       }
       n = total;
     }
-    for (int64_t c = begin; c < end; ++c) {
-      mean_out[c] = T(mu[c - begin]);
-      invstd_out[c] = T(1.0 / std::sqrt(m2[c - begin] / M + eps));
-    }
+    for (int64_t c = begin; c < end; ++c) store(c, mu[c - begin], m2[c - begin] / M);
   });
 }
 
@@ -196,28 +204,24 @@ void apply_forward(const Geometry& geo, const scalar_t* x, const ChannelTable<op
   });
 }
 
-// Backward: one reduce pass for dbeta, dgamma and the slope gradient, then one pass writing dx.
-// Returns (grad_input, grad_weight, grad_bias, grad_slope) with per-channel gradients of dtype T.
-// `input` is x, or the output y where kFromOutput (the memory-efficient mode, PReLU only).
+// The reduce half of backward: (sum_dz, sum_dz_xhat, grad_slope) per channel, in T, from one pass over the
+// tiles and a fixed-order merge of their partials:
+//   sum_dz = sum dz = dbeta,  sum_dz_xhat = invstd * sum dz * (x - mean) = dgamma,  grad_slope = sum dy * min(z, 0)
+// (grad_slope of shape (0,) for ReLU). `input` is x, or the output y where kFromOutput (the memory-efficient
+// mode, PReLU only).
 template <typename scalar_t, bool kPReLU, bool kFromOutput = false>
-std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Geometry& geo, const Tensor& grad_out,
-                                                    const Tensor& input, const Tensor& invstd,
-                                                    ChannelTable<opmath_t<scalar_t>>& table, bool batch_stats) {
+std::tuple<Tensor, Tensor, Tensor> backward_sums(const Geometry& geo, const Tensor& grad_out, const Tensor& input,
+                                                 const Tensor& invstd, const ChannelTable<opmath_t<scalar_t>>& table) {
   using T = opmath_t<scalar_t>;
   using Vec = MathVec<scalar_t>;
   constexpr size_t K = kPReLU ? 3 : 2;
+  static_assert(kPReLU || !kFromOutput, "ReLU's output does not determine its input");
   const int64_t C = geo.C;
   const Tiling t = tiling_of(geo);
   const int64_t G = t.groups();
   const scalar_t* x = input.const_data_ptr<scalar_t>();
   const scalar_t* dy = grad_out.const_data_ptr<scalar_t>();
-
-  static_assert(kPReLU || !kFromOutput, "ReLU's output does not determine its input");
-  ParamPtrs<T, kPReLU ? 4 : 3> zparams;
-  zparams[0] = table.row(kFromOutput ? kInvScale : kMean);
-  zparams[1] = table.row(kFromOutput ? kInvSlope : kScale);
-  zparams[2] = table.row(kBeta);
-  if constexpr (kPReLU) zparams[3] = table.row(kSlope);
+  const auto zparams = z_params<kPReLU, kFromOutput>(table);
 
   // Per tile: sum dz, sum dz * (x - mean) and (PReLU) sum dy * min(z, 0).
   std::vector<T> partials(K * G * C);
@@ -236,16 +240,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Geometry& geo, const T
                           });
   });
 
-  // Fixed-order merge of the partials, then the per-channel gradients and the dx coefficients.
+  // Fixed-order merge of the partials, in fp64.
   const auto options = invstd.options();
-  Tensor grad_weight = at::empty({C}, options);
-  Tensor grad_bias = at::empty({C}, options);
+  Tensor sum_dz = at::empty({C}, options);
+  Tensor sum_dz_xhat = at::empty({C}, options);
   Tensor grad_slope = at::empty({kPReLU ? C : 0}, options);
-  T* dweight = grad_weight.mutable_data_ptr<T>();
-  T* dbias = grad_bias.mutable_data_ptr<T>();
+  T* dbeta = sum_dz.mutable_data_ptr<T>();
+  T* dgamma = sum_dz_xhat.mutable_data_ptr<T>();
   T* dslope = grad_slope.mutable_data_ptr<T>();
   const T* istd = invstd.const_data_ptr<T>();
-  const T inv_m = T(1) / T(geo.per_channel());
   at::parallel_for(0, C, kMergeGrain, [&](int64_t begin, int64_t end) {
     std::vector<double> sums(K * (end - begin), 0.0);
     for (size_t k = 0; k < K; ++k) {
@@ -257,26 +260,51 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Geometry& geo, const T
     }
     for (int64_t c = begin; c < end; ++c) {
       const int64_t i = c - begin;
-      dbias[c] = T(sums[i]);
-      dweight[c] = T(sums[(end - begin) + i]) * istd[c];
+      dbeta[c] = T(sums[i]);
+      dgamma[c] = T(sums[(end - begin) + i]) * istd[c];
       if constexpr (kPReLU) dslope[c] = T(sums[2 * (end - begin) + i]);
-      const T A = table.row(kScale)[c];
-      table.row(kA)[c] = A;
-      table.row(kB)[c] = batch_stats ? -A * istd[c] * dweight[c] * inv_m : T(0);
-      table.row(kD)[c] = batch_stats ? -A * dbias[c] * inv_m : T(0);
     }
   });
+  return {sum_dz, sum_dz_xhat, grad_slope};
+}
 
-  // dx = A * dz + B * (x - mean) + D
+// The coefficients of dx = A * dz + B * (x - mean) + D into the table: A = gamma * invstd and, where batch
+// statistics over `count` elements per channel (on every rank together, for SyncBN) normalised x,
+// B = -A * invstd * sum_dz_xhat / count, D = -A * sum_dz / count; with given statistics (sums undefined) B = D = 0.
+template <typename T>
+void dx_coefficients(ChannelTable<T>& table, int64_t C, const Tensor& invstd, const Tensor& sum_dz,
+                     const Tensor& sum_dz_xhat, int64_t count) {
+  const T* istd = invstd.const_data_ptr<T>();
+  const T* dbeta = sum_dz.defined() ? sum_dz.const_data_ptr<T>() : nullptr;
+  const T* dgamma = sum_dz_xhat.defined() ? sum_dz_xhat.const_data_ptr<T>() : nullptr;
+  const T inv_count = T(1) / T(count);
+  for (int64_t c = 0; c < C; ++c) {
+    const T A = table.row(kScale)[c];
+    table.row(kA)[c] = A;
+    table.row(kB)[c] = dgamma ? -A * istd[c] * dgamma[c] * inv_count : T(0);
+    table.row(kD)[c] = dbeta ? -A * dbeta[c] * inv_count : T(0);
+  }
+}
+
+// The elementwise half of backward: dx = A * dz + B * (x - mean) + D with the table's coefficients
+// (dx_coefficients), in the input's dtype and layout.
+template <typename scalar_t, bool kPReLU, bool kFromOutput = false>
+Tensor grad_input(const Geometry& geo, const Tensor& grad_out, const Tensor& input,
+                  const ChannelTable<opmath_t<scalar_t>>& table) {
+  using T = opmath_t<scalar_t>;
+  using Vec = MathVec<scalar_t>;
+  const auto zparams = z_params<kPReLU, kFromOutput>(table);
   ParamPtrs<T, kPReLU ? 7 : 6> dparams;
   std::copy(zparams.begin(), zparams.begin() + 3, dparams.begin());
   dparams[3] = table.row(kA);
   dparams[4] = table.row(kB);
   dparams[5] = table.row(kD);
   if constexpr (kPReLU) dparams[6] = table.row(kSlope);
-  Tensor grad_input = at::empty_like(input);
-  scalar_t* dx = grad_input.mutable_data_ptr<scalar_t>();
-  parallel_for_tiles(geo, t, [&](const Tile& tile) {
+  const scalar_t* x = input.const_data_ptr<scalar_t>();
+  const scalar_t* dy = grad_out.const_data_ptr<scalar_t>();
+  Tensor grad = at::empty_like(input);
+  scalar_t* dx = grad.mutable_data_ptr<scalar_t>();
+  parallel_for_tiles(geo, tiling_of(geo), [&](const Tile& tile) {
     map_tile<scalar_t>(geo, tile, std::array<const scalar_t*, 2>{x, dy}, dparams, dx,
                        [](const auto& P, const auto& X) {
                          const auto [xc, z] = centred_and_z<kFromOutput, Vec>(P, X[0]);
@@ -284,7 +312,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Geometry& geo, const T
                          return P[3] * dz + P[4] * xc + P[5];
                        });
   });
-  return {grad_input, grad_weight, grad_bias, grad_slope};
+  return grad;
+}
+
+// Whole backward, the two halves in a row: (grad_input, grad_weight, grad_bias, grad_slope), per-channel
+// gradients of dtype T. batch_stats: mean and invstd were computed from this input's M elements.
+template <typename scalar_t, bool kPReLU, bool kFromOutput = false>
+std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Geometry& geo, const Tensor& grad_out,
+                                                    const Tensor& input, const Tensor& invstd,
+                                                    ChannelTable<opmath_t<scalar_t>>& table, bool batch_stats) {
+  auto [sum_dz, sum_dz_xhat, grad_slope] =
+      backward_sums<scalar_t, kPReLU, kFromOutput>(geo, grad_out, input, invstd, table);
+  dx_coefficients(table, geo.C, invstd, batch_stats ? sum_dz : Tensor(), batch_stats ? sum_dz_xhat : Tensor(),
+                  geo.per_channel());
+  Tensor dx = grad_input<scalar_t, kPReLU, kFromOutput>(geo, grad_out, input, table);
+  return {dx, sum_dz_xhat, sum_dz, grad_slope};
 }
 
 void check_floating(const Tensor& x, const char* name) {
@@ -332,7 +374,13 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_fwd_train(const Tensor& input, const s
   args.invstd = at::empty({C}, input.options().dtype(sdtype));
   dispatch(input, args.slope.defined(), [&](auto scalar, auto prelu) {
     using scalar_t = decltype(scalar);
-    batch_stats<scalar_t>(geo, input.const_data_ptr<scalar_t>(), eps, args.mean, args.invstd);
+    using T = opmath_t<scalar_t>;
+    T* mean = args.mean.mutable_data_ptr<T>();
+    T* invstd = args.invstd.mutable_data_ptr<T>();
+    batch_stats(geo, input.const_data_ptr<scalar_t>(), [&](int64_t c, double mu, double var) {
+      mean[c] = T(mu);
+      invstd[c] = T(1.0 / std::sqrt(var + eps));
+    });
     const ChannelTable<opmath_t<scalar_t>> table(C, args);
     apply_forward<scalar_t, decltype(prelu)::value>(geo, input.const_data_ptr<scalar_t>(), table,
                                                     out.mutable_data_ptr<scalar_t>());
@@ -405,6 +453,76 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_bwd_from_output(const Tensor& 
   return grads;
 }
 
+// The statistics half of bn_act_fwd_train (for SyncBN, which merges them over ranks): (mean, biased var).
+std::tuple<Tensor, Tensor> bn_stats(const Tensor& input) {
+  check_floating(input, "input");
+  const Geometry geo = geometry_of(input, "input");
+  const auto options = input.options().dtype(stats_dtype(input));
+  if (geo.per_channel() == 0) return {at::zeros({geo.C}, options), at::zeros({geo.C}, options)};
+  Tensor mean = at::empty({geo.C}, options);
+  Tensor var = at::empty({geo.C}, options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "bn_stats", [&] {
+    using T = opmath_t<scalar_t>;
+    T* mean_out = mean.mutable_data_ptr<T>();
+    T* var_out = var.mutable_data_ptr<T>();
+    batch_stats(geo, input.const_data_ptr<scalar_t>(), [&](int64_t c, double mu, double v) {
+      mean_out[c] = T(mu);
+      var_out[c] = T(v);
+    });
+  });
+  return {mean, var};
+}
+
+// The reduce half of bn_act_bwd: (sum_dz, sum_dz_xhat, grad_slope).
+std::tuple<Tensor, Tensor, Tensor> bn_act_bwd_reduce(const Tensor& grad_out, const Tensor& input,
+                                                     const Tensor& mean, const Tensor& invstd,
+                                                     const std::optional<Tensor>& weight,
+                                                     const std::optional<Tensor>& bias,
+                                                     const std::optional<Tensor>& slope) {
+  check_floating(input, "input");
+  const Geometry geo = geometry_of(input, "input");
+  check_grad_out(grad_out, input, "input", geo);
+  const int64_t C = geo.C;
+  const ChannelArgs args(C, stats_dtype(input), mean, invstd, weight, bias, slope);
+  if (geo.per_channel() == 0) {
+    const auto options = args.mean.options();
+    return {at::zeros({C}, options), at::zeros({C}, options), at::zeros({args.slope.defined() ? C : 0}, options)};
+  }
+  std::tuple<Tensor, Tensor, Tensor> sums;
+  dispatch(input, args.slope.defined(), [&](auto scalar, auto prelu) {
+    using scalar_t = decltype(scalar);
+    const ChannelTable<opmath_t<scalar_t>> table(C, args);
+    sums = backward_sums<scalar_t, decltype(prelu)::value>(geo, grad_out, input, args.invstd, table);
+  });
+  return sums;
+}
+
+// The elementwise half of bn_act_bwd, with the per-channel sums and element count given (over every rank).
+Tensor bn_act_bwd_elemt(const Tensor& grad_out, const Tensor& input, const Tensor& mean, const Tensor& invstd,
+                        const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+                        const std::optional<Tensor>& slope, const Tensor& sum_dz, const Tensor& sum_dz_xhat,
+                        int64_t count) {
+  check_floating(input, "input");
+  const Geometry geo = geometry_of(input, "input");
+  check_grad_out(grad_out, input, "input", geo);
+  const int64_t C = geo.C;
+  const auto sdtype = stats_dtype(input);
+  const ChannelArgs args(C, sdtype, mean, invstd, weight, bias, slope);
+  const Tensor dz_sum = per_channel(sum_dz, C, sdtype, "sum_dz");
+  const Tensor dz_xhat_sum = per_channel(sum_dz_xhat, C, sdtype, "sum_dz_xhat");
+  if (geo.per_channel() == 0) return at::empty_like(input);
+  TORCH_CHECK(count >= geo.per_channel(), "count: expected at least the input's ", geo.per_channel(),
+              " elements per channel, got ", count);
+  Tensor dx;
+  dispatch(input, args.slope.defined(), [&](auto scalar, auto prelu) {
+    using scalar_t = decltype(scalar);
+    ChannelTable<opmath_t<scalar_t>> table(C, args);
+    dx_coefficients(table, C, args.invstd, dz_sum, dz_xhat_sum, count);
+    dx = grad_input<scalar_t, decltype(prelu)::value>(geo, grad_out, input, table);
+  });
+  return dx;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedrect, CPU, m) {
@@ -412,6 +530,9 @@ TORCH_LIBRARY_IMPL(fusedrect, CPU, m) {
   m.impl("bn_act_fwd_train", &bn_act_fwd_train);
   m.impl("bn_act_fwd_eval", &bn_act_fwd_eval);
   m.impl("bn_act_bwd", &bn_act_bwd);
+  m.impl("bn_stats", &bn_stats);
+  m.impl("bn_act_bwd_reduce", &bn_act_bwd_reduce);
+  m.impl("bn_act_bwd_elemt", &bn_act_bwd_elemt);
 }
 
 }  // namespace fusedrect::cpu

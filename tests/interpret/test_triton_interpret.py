@@ -10,6 +10,7 @@ import torch
 import fusedrect
 from conftest import ACTIVATIONS, LAYOUTS, fused_call, fused_module, make_input, make_params, torch_modules
 from fusedrect import reference
+from fusedrect.ops import sync_bn
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (see tests/test_triton_interpreter.py)"
 
@@ -119,3 +120,44 @@ def test_triton_memory_efficient_backward(layout):
              for m in (True, False)]
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("activation", ["relu", "prelu"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(2, 3, 5, 5), (2, 33, 3, 3), (6, 33)], ids=str)
+def test_sync_bn_halves_match_reference(shape, layout, activation):
+    """The launchers of bn_stats, bn_act_bwd_reduce and bn_act_bwd_elemt against the reference, fp32."""
+    from fusedrect.kernels import bn_act as kernels
+
+    x = make_input(shape, layout, scale=2.0, shift=1.0)
+    mean, invstd = (t.float() for t in reference.batch_stats(x.double() * 0.8 + 0.1, 1e-5))
+    args = [torch.randn_like(x), x, mean, invstd, *(p.float() if p is not None else None
+                                                   for p in make_params(shape[1], activation))]
+    double = [t.double() if t is not None else None for t in args]
+    count = 2 * x.numel() // shape[1]
+    sums = kernels.bn_act_bwd_reduce(*args)
+    dx = kernels.bn_act_bwd_elemt(*args, *sums[:2], count)
+    expected = [*reference.bn_stats(x.double()), *reference.bn_act_bwd_reduce(*double),
+                reference.bn_act_bwd_elemt(*double, *(s.double() for s in sums[:2]), count)]
+    assert dx.stride() == x.stride()
+    for got, want in zip([*kernels.bn_stats(x), *sums, dx], expected):
+        tol = TOLERANCE[torch.float32] * max(1.0, want.abs().max().item()) if want.numel() else 0.0
+        torch.testing.assert_close(got.double(), want, atol=tol, rtol=TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("activation", ["relu", "prelu"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_triton_synchronized_one_rank(one_rank_group, layout, activation):
+    """SyncBN's autograd on the Triton launchers (one rank): forward and gradients as the reference BN, fp64."""
+    x = make_input((3, 4, 3, 3), layout, torch.float64, scale=2.0)
+    params = make_params(4, activation)
+    grad = torch.randn(x.shape, dtype=torch.float64)
+    results = []
+    for run in (lambda *a: sync_bn.sync_bn_act_train(*a, 1e-5, one_rank_group, 1, "triton")[0],
+                lambda *a: reference.bn_act_train(*a, 1e-5)[0]):
+        leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, *params)]
+        y = run(*leaves)
+        y.backward(grad)
+        results.append([y, *(t.grad for t in leaves if t is not None)])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
