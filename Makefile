@@ -22,7 +22,10 @@ test: build
 
 DEVICE = $(shell $(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null)
 
+# The main job: pre-activation units and ResNet training steps, then the BatchNorm + PReLU/ReLU layers.
 bench: build
+	$(PY) benchmarks/bench_preact.py --json benchmarks/results/preact_$(DEVICE).json \
+		--plot benchmarks/results/preact_$(DEVICE).png
 	$(PY) benchmarks/bench_bn_prelu.py --json benchmarks/results/bn_prelu_$(DEVICE).json \
 		--plot benchmarks/results/bn_prelu_$(DEVICE).png
 
@@ -46,6 +49,7 @@ gpu-check:
 		$(GPU_PY) benchmarks/bench_bn_prelu.py --device cuda --dtype $$dtype \
 			--json $(RESULTS)/bn_prelu_cuda_$$dtype.json || exit 1; \
 	done
+	$(GPU_PY) benchmarks/bench_preact.py --device cuda --dtype bf16 --json $(RESULTS)/preact_cuda_bf16.json
 
 clean:
 	rm -rf build fusedrect/_C*.so *.egg-info
