@@ -1,13 +1,18 @@
-"""Swap BatchNorm -> ReLU/PReLU pairs of an existing model for the fused modules, and back.
+"""Swap BatchNorm -> ReLU/PReLU pairs, and BatchNorm2d -> ReLU/PReLU -> Conv2d pre-activation chains, of an
+existing model for the fused modules, and back.
 
-Two passes find the pairs:
-  1. ``nn.Sequential`` containers, structurally: a BatchNorm directly followed by a ReLU/PReLU becomes the
-     fused module followed by ``nn.Identity`` (indices, and with them state_dict keys, are kept). The model
-     keeps its class.
-  2. Every other pair, where the model's ``forward`` calls the modules one after another, found by tracing
-     with ``torch.fx``: a BatchNorm node whose only user is a ReLU/PReLU (module, ``F.relu``, ``torch.relu`` or
-     ``.relu()``). The model is patched in place (no GraphModule: it keeps its class, methods and state). A
-     module that does not trace is searched child by child, and reported.
+Two passes find them:
+  1. ``nn.Sequential`` containers, structurally: a BatchNorm2d, a ReLU/PReLU and a Conv2d in a row become a
+     ``FusedPreActConv2d`` followed by two ``nn.Identity``; a BatchNorm directly followed by a ReLU/PReLU
+     becomes the fused module followed by ``nn.Identity``. Indices are kept (and with them the state_dict keys
+     of everything but the fused modules' convolutions). The model keeps its class.
+  2. Every other pair or chain, where the model's ``forward`` calls the modules one after another, found by
+     tracing with ``torch.fx``: a BatchNorm node whose only user is a ReLU/PReLU (module, ``F.relu``,
+     ``torch.relu`` or ``.relu()``); a chain where that activation is a module called only there whose only
+     user is a Conv2d module called only there (a functional relu stays in the code, so it cannot be moved
+     before a convolution: such a BatchNorm is fused with its activation only). The model is patched in place
+     (no GraphModule: it keeps its class, methods and state). A module that does not trace is searched child
+     by child, and reported.
 A BatchNorm whose output is also used elsewhere is never fused (its normalised output would be lost), nor is a
 PReLU module called at several places (its one slope would become several), nor a SyncBatchNorm.
 """
@@ -19,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fusedrect.modules import FusedBNPReLU, FusedBNReLU, _FusedBNAct
+from fusedrect.modules import FusedBNPReLU, FusedBNReLU, FusedPreActConv2d, _FusedBNAct
 
 logger = logging.getLogger("fusedrect")
 
@@ -28,20 +33,22 @@ _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, F.relu_)
 
 @dataclasses.dataclass
 class ConversionReport:
-    """What convert_model did: fused pairs as (batchnorm path, activation path or call), and what it skipped."""
+    """What convert_model did: fused pairs as (batchnorm path, activation path or call), chains as (batchnorm,
+    activation, convolution paths), and what it skipped."""
 
     fused: list = dataclasses.field(default_factory=list)
     skipped: list = dataclasses.field(default_factory=list)
 
     def __str__(self):
-        lines = [f"fusedrect.convert_model: fused {len(self.fused)} BatchNorm+activation pair(s)"]
-        lines += [f"  fused   {bn} -> {act}" for bn, act in self.fused]
+        lines = [f"fusedrect.convert_model: fused {len(self.fused)} BatchNorm+activation pair(s) or chain(s)"]
+        lines += [f"  fused   {' -> '.join(entry)}" for entry in self.fused]
         lines += [f"  skipped {where}: {why}" for where, why in self.skipped]
         return "\n".join(lines)
 
 
 def convert_model(model, inplace=False):
-    """``model`` with its BatchNorm -> ReLU/PReLU pairs replaced by FusedBNReLU / FusedBNPReLU.
+    """``model`` with its BatchNorm -> ReLU/PReLU pairs replaced by FusedBNReLU / FusedBNPReLU, and its
+    BatchNorm2d -> ReLU/PReLU -> Conv2d chains by FusedPreActConv2d.
 
     Parameters, running statistics, device, dtype and train/eval state are kept. ``inplace=False`` converts a
     deep copy. The report of what was fused and skipped is logged (logger "fusedrect") and attached to the
@@ -60,17 +67,22 @@ def convert_model(model, inplace=False):
 
 def revert_model(model):
     """``model`` (changed in place) with every fused module replaced by its plain PyTorch equivalent: inside
-    ``nn.Sequential``, a fused module followed by ``nn.Identity`` gets its BatchNorm and activation back in
-    those two places; elsewhere it becomes ``nn.Sequential(BatchNorm, activation)``."""
+    ``nn.Sequential``, a fused module followed by ``nn.Identity`` placeholders gets its BatchNorm, activation
+    (and convolution) back in those places; elsewhere it becomes ``nn.Sequential(BatchNorm, activation[, conv])``."""
     for child in model.children():
         if not isinstance(child, _FusedBNAct):
             revert_model(child)
     if isinstance(model, nn.Sequential):
         names = list(model._modules)
-        for first, second in zip(names, names[1:]):
-            fused, placeholder = model._modules[first], model._modules[second]
-            if isinstance(fused, _FusedBNAct) and type(placeholder) is nn.Identity:
-                model._modules[first], model._modules[second] = fused.to_modules()
+        for i, name in enumerate(names):
+            fused = model._modules[name]
+            if not isinstance(fused, _FusedBNAct):
+                continue
+            plain = list(fused.to_modules())
+            places = names[i:i + len(plain)]
+            if len(places) == len(plain) and all(type(model._modules[p]) is nn.Identity for p in places[1:]):
+                for place, module in zip(places, plain):
+                    model._modules[place] = module
     for name, child in list(model.named_children()):
         if isinstance(child, _FusedBNAct):
             setattr(model, name, child.to_modules())
@@ -91,6 +103,15 @@ def _fuse(bn, act):
     return FusedBNReLU.from_modules(bn, act) if isinstance(act, nn.ReLU) else FusedBNPReLU.from_modules(bn, act)
 
 
+def _chainable(bn, act, conv):
+    """True when BatchNorm ``bn``, activation ``act`` and ``conv`` can become one FusedPreActConv2d."""
+    if not (isinstance(bn, nn.BatchNorm2d) and type(conv) is nn.Conv2d and _fusable_activation(bn, act)):
+        return False
+    symmetric = not isinstance(conv.padding, str) or conv.padding == "valid" or all(
+        d * (k - 1) % 2 == 0 for d, k in zip(conv.dilation, conv.kernel_size))
+    return conv.padding_mode == "zeros" and conv.in_channels == bn.num_features and symmetric
+
+
 def _join(prefix, name):
     return f"{prefix}.{name}" if prefix else name
 
@@ -101,12 +122,19 @@ def _convert_sequentials(module, path, report):
     if not isinstance(module, nn.Sequential):
         return
     names = list(module._modules)
-    for first, second in zip(names, names[1:]):
-        bn, act = module._modules[first], module._modules[second]
-        if _is_batchnorm(bn) and _fusable_activation(bn, act):
-            module._modules[first] = _fuse(bn, act)
-            module._modules[second] = nn.Identity()
-            report.fused.append((_join(path, first), _join(path, second)))
+    i = 0
+    while i + 1 < len(names):
+        bn, act = module._modules[names[i]], module._modules[names[i + 1]]
+        conv = module._modules[names[i + 2]] if i + 2 < len(names) else None
+        if not (_is_batchnorm(bn) and _fusable_activation(bn, act)):
+            i += 1
+            continue
+        width = 3 if conv is not None and _chainable(bn, act, conv) else 2
+        module._modules[names[i]] = FusedPreActConv2d.from_modules(bn, act, conv) if width == 3 else _fuse(bn, act)
+        for name in names[i + 1:i + width]:
+            module._modules[name] = nn.Identity()
+        report.fused.append(tuple(_join(path, name) for name in names[i:i + width]))
+        i += width
 
 
 class _Tracer(fx.Tracer):
@@ -176,8 +204,28 @@ def _fuse_graph(module, graph, path, report):
         elif not _fusable_activation(bn, act):
             report.skipped.append((where, f"PReLU with {act.num_parameters} slopes for {bn.num_features} channels"))
         else:
+            conv_node = _chained_conv(act_node, act_calls, calls, modules, bn, act)
+            if conv_node is not None:
+                _replace(module, node.target, FusedPreActConv2d.from_modules(bn, act, modules[conv_node.target]))
+                _replace(module, act_node.target, nn.Identity())
+                _replace(module, conv_node.target, nn.Identity())
+                report.fused.append((where, _join(path, act_node.target), _join(path, conv_node.target)))
+                continue
             _replace(module, node.target, _fuse(bn, act))
             if act_calls == 1:
                 _replace(module, act_node.target, nn.Identity())
             report.fused.append((where, _join(path, act_node.target if act_node.op == "call_module"
                                                else act_node.name)))
+
+
+def _chained_conv(act_node, act_calls, calls, modules, bn, act):
+    """The Conv2d node that a BatchNorm -> ``act_node`` pair feeds alone and that can join it, else None: the
+    activation and the convolution must be modules called only there (both become nn.Identity)."""
+    if act_node.op != "call_module" or act_calls != 1 or len(act_node.users) != 1:
+        return None
+    conv_node = next(iter(act_node.users))
+    if conv_node.op != "call_module" or calls.get(conv_node.target, 0) != 1:
+        return None
+    if len(conv_node.args) != 1 or conv_node.kwargs:
+        return None
+    return conv_node if _chainable(bn, act, modules.get(conv_node.target)) else None

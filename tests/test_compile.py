@@ -1,4 +1,4 @@
-"""torch.compile(fullgraph=True) through the fused modules on CPU: no graph break, no recompilation across
+"""torch.compile(fullgraph=True) through the fused modules (FusedPreActConv2d included) on CPU: no graph break, no recompilation across
 steps of the same shape, in training (forward + backward) and eval, with outputs equal to eager."""
 import copy
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import ACTIVATIONS, LAYOUTS, fused_module, make_input
+from fusedrect import FusedPreActConv2d
 
 
 def steps(model, inputs, train):
@@ -24,11 +25,21 @@ def steps(model, inputs, train):
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_fullgraph_without_recompiles(layout, activation, momentum):
+    check_fullgraph_without_recompiles(fused_module(6, activation, momentum=momentum),
+                                       [make_input((4, 6, 5, 5), layout, shift=float(i)) for i in range(3)])
+
+
+@pytest.mark.parametrize("activation", ["relu", "prelu"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_preact_conv_fullgraph_without_recompiles(layout, activation):
+    unit = FusedPreActConv2d(6, 4, 3, 2, 1, bias=True, activation=activation)
+    check_fullgraph_without_recompiles(unit, [make_input((4, 6, 5, 5), layout, shift=float(i)) for i in range(3)])
+
+
+def check_fullgraph_without_recompiles(eager, inputs):
     torch._dynamo.reset()
-    eager = fused_module(6, activation, momentum=momentum)
     compiled_module = copy.deepcopy(eager)
     compiled = torch.compile(compiled_module, fullgraph=True, backend="aot_eager")
-    inputs = [make_input((4, 6, 5, 5), layout, shift=float(i)) for i in range(3)]
     for train in (True, False):
         expected = steps(eager, inputs, train)
         got = steps(compiled, inputs[:1], train)  # compiles

@@ -1,6 +1,7 @@
 """convert_model / revert_model on models defined here: a torchvision-style ResNet (a ReLU module reused at
 several places), a pre-activation ResNet, an iresnet-style face-recognition block, Sequential stacks, a BN whose
-output is used twice, functional relu calls, and a model that does not trace."""
+output is used twice, functional relu calls, BN -> act -> conv chains (in Sequential and traced, up to a whole
+fusedrect.resnet pre-activation ResNet built from plain modules), and a model that does not trace."""
 import copy
 
 import pytest
@@ -9,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fusedrect
-from fusedrect.modules import FusedBNPReLU, FusedBNReLU
+from fusedrect.modules import FusedBNPReLU, FusedBNReLU, FusedPreActConv2d
+from fusedrect.resnet import preact_resnet
 
 
 class BasicBlock(nn.Module):
@@ -140,21 +142,26 @@ def count(model, cls):
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize(
-    "factory, shape, fused_relu, fused_prelu",
+    "factory, shape, fused_relu, fused_prelu, chains",
     [
-        (ResNet, (4, 3, 8, 8), 3, 0),  # stem bn1 and each block's bn1; bn2 feeds the addition
-        (lambda: nn.Sequential(PreActBlock(6), PreActBlock(6)), (2, 6, 5, 5), 4, 0),
-        (lambda: IResBlock(6), (2, 6, 5, 5), 0, 1),
+        (ResNet, (4, 3, 8, 8), 3, 0, 0),  # stem bn1 and each block's bn1; bn2 feeds the addition
+        # functional relus: each BatchNorm fused with its activation, not with the convolution after it
+        (lambda: nn.Sequential(PreActBlock(6), PreActBlock(6)), (2, 6, 5, 5), 4, 0, 0),
+        (lambda: IResBlock(6), (2, 6, 5, 5), 0, 0, 1),  # bn2 -> prelu -> conv2
         (lambda: nn.Sequential(nn.BatchNorm1d(5), nn.PReLU(5), nn.Linear(5, 5), nn.BatchNorm1d(5), nn.ReLU()),
-         (8, 5), 1, 1),
+         (8, 5), 1, 1, 0),
+        (lambda: nn.Sequential(nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 3, 2, 1), nn.BatchNorm2d(6),
+                               nn.PReLU(), nn.Conv2d(6, 6, 1), nn.BatchNorm2d(6), nn.ReLU()), (2, 4, 7, 7), 1, 0, 2),
+        (lambda: preact_resnet(20, fused=False), (2, 3, 16, 16), 3, 0, 16),  # projections: shared pre-activation
     ],
-    ids=["resnet", "preact", "iresnet", "sequential"],
+    ids=["resnet", "preact", "iresnet", "sequential", "sequential-chains", "preact-resnet20"],
 )
-def test_convert_keeps_outputs_and_gradients(factory, shape, fused_relu, fused_prelu, train):
+def test_convert_keeps_outputs_and_gradients(factory, shape, fused_relu, fused_prelu, chains, train):
     original = randomize_state(factory()).train(train)
     converted = fusedrect.convert_model(original)
     assert count(converted, FusedBNReLU) == fused_relu and count(converted, FusedBNPReLU) == fused_prelu
-    assert len(converted.fusedrect_report.fused) == fused_relu + fused_prelu
+    assert count(converted, FusedPreActConv2d) == chains
+    assert len(converted.fusedrect_report.fused) == fused_relu + fused_prelu + chains
     assert converted.training == train
     x = torch.randn(shape)
     assert_same_training_step(original, converted, x)
@@ -168,22 +175,49 @@ def test_convert_keeps_outputs_and_gradients(factory, shape, fused_relu, fused_p
 def test_convert_keeps_dtype_and_reverts():
     original = randomize_state(IResBlock(4)).double()
     converted = fusedrect.convert_model(original)
-    fused = next(m for m in converted.modules() if isinstance(m, FusedBNPReLU))
-    assert fused.weight.dtype == torch.float64
+    fused = next(m for m in converted.modules() if isinstance(m, FusedPreActConv2d))
+    assert fused.weight.dtype == torch.float64 and fused.conv_weight.dtype == torch.float64
     reverted = fusedrect.revert_model(copy.deepcopy(converted))
-    assert count(reverted, FusedBNPReLU) == 0 and count(reverted, nn.PReLU) == 1
+    assert count(reverted, FusedPreActConv2d) == 0 and count(reverted, nn.PReLU) == 1
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
     torch.testing.assert_close(reverted.eval()(x), original.eval()(x))
 
 
 def test_sequential_conversion_keeps_class_and_state_dict_keys():
-    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1))
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2))
     keys = set(model.state_dict())
     converted = fusedrect.convert_model(model)
     assert type(converted) is nn.Sequential and isinstance(converted[1], FusedBNReLU)
     assert set(converted.state_dict()) == keys
     reverted = fusedrect.revert_model(converted)
+    assert [type(m) for m in reverted] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d]
+
+
+def test_sequential_chain_reverts_to_the_same_modules_and_keys():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1))
+    keys = list(model.state_dict())
+    converted = fusedrect.convert_model(model)
+    assert isinstance(converted[1], FusedPreActConv2d) and [type(m) for m in converted[2:]] == [nn.Identity] * 2
+    reverted = fusedrect.revert_model(converted)
     assert [type(m) for m in reverted] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Conv2d]
+    assert list(reverted.state_dict()) == keys
+
+
+def test_chain_not_formed_where_the_activation_is_shared_or_the_conv_cannot_take_it():
+    class SharedReLU(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.relu, self.conv = nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding_mode="reflect")
+
+        def forward(self, x):
+            return self.relu(self.conv(self.relu(self.bn(x))))
+
+    original = randomize_state(SharedReLU())
+    converted = fusedrect.convert_model(original)
+    assert count(converted, FusedPreActConv2d) == 0 and count(converted, FusedBNReLU) == 1
+    assert_same_training_step(original, converted, torch.randn(2, 4, 5, 5))
+    reflect = nn.Sequential(nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding_mode="reflect"))
+    assert count(fusedrect.convert_model(reflect), FusedPreActConv2d) == 0
 
 
 def test_bn_output_used_elsewhere_is_not_fused():
