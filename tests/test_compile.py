@@ -1,6 +1,6 @@
 """torch.compile(fullgraph=True) through the fused modules (FusedPreActConv2d included) on CPU: no graph break,
-no recompilation across
-steps of the same shape, in training (forward + backward) and eval, with outputs equal to eager."""
+no recompilation across steps of the same shape, in training (forward + backward) and eval, with outputs equal
+to eager."""
 import copy
 
 import pytest
