@@ -8,7 +8,7 @@ exactly FusedBNPReLU / FusedBNReLU (same parameters, buffers, state_dict keys an
 from torch import nn
 
 from fusedrect import functional
-from fusedrect.modules import FusedBNPReLU, FusedBNReLU, _FusedBNAct
+from fusedrect.modules import FusedBNPReLU, FusedBNReLU, FusedPreActConv2d, _FusedBNAct
 
 
 class _SyncMixin:
@@ -97,7 +97,9 @@ def convert_sync_batchnorm(model, process_group=None):
     already synchronized get ``process_group``.
 
     Run fusedrect.convert_model first: it leaves nn.SyncBatchNorm unfused. A FusedPreActConv2d has no synchronized
-    version: the conversion raises (revert it first), as it does for a module in the memory-efficient mode.
+    version: it becomes ``nn.Sequential(FusedSyncBN<act>, nn.Conv2d)`` holding its tensors (its state_dict keys
+    move under ``0.`` and ``1.``: ``conv_weight`` becomes ``1.weight``). A module in the memory-efficient mode
+    raises.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -110,6 +112,8 @@ def _convert(module, process_group, path):
                                   num_parameters=module.num_parameters, init=module.init)
     elif isinstance(module, FusedBNReLU):
         converted = _synchronized(FusedSyncBNReLU, module, process_group, path)
+    elif isinstance(module, FusedPreActConv2d):
+        converted = _synchronized_preact(module, process_group, path)
     elif isinstance(module, _FusedBNAct):
         raise ValueError(f"model: {path or 'the model'} is a {type(module).__name__}, which has no synchronized "
                          "version; fusedrect.revert_model() it (its BatchNorm then converts to nn.SyncBatchNorm)")
@@ -128,6 +132,22 @@ def _synchronized(cls, module, process_group, path, **extra):
                          "support; build it with memory_efficient=False first")
     synced = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
                  process_group=process_group, backend=module.backend, device="meta", **extra)
+    own = {name for name, _ in [*synced.named_parameters(recurse=False), *synced.named_buffers(recurse=False)]}
     for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-        setattr(synced, name, tensor)
+        if name in own:  # a FusedPreActConv2d also holds its convolution's
+            setattr(synced, name, tensor)
     return synced.train(module.training)
+
+
+def _synchronized_preact(module, process_group, path):
+    """``nn.Sequential(synchronized BN + act, nn.Conv2d)`` holding the FusedPreActConv2d ``module``'s tensors."""
+    if module.slope is None:
+        bn_act = _synchronized(FusedSyncBNReLU, module, process_group, path)
+    else:
+        bn_act = _synchronized(FusedSyncBNPReLU, module, process_group, path, num_parameters=module.num_parameters,
+                               init=module.init)
+    conv = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                     module.dilation, module.groups, module.conv_bias is not None, device="meta")
+    conv.weight = module.conv_weight
+    conv.bias = module.conv_bias
+    return nn.Sequential(bn_act, conv).train(module.training)

@@ -127,9 +127,19 @@ def test_convert_sync_batchnorm_keeps_the_tensors():
 def test_convert_sync_batchnorm_rejects_what_it_cannot_synchronize():
     with pytest.raises(TypeError, match="model: expected an nn.Module, got int"):
         fusedrect.convert_sync_batchnorm(3)
-    model = nn.Sequential(fusedrect.FusedPreActConv2d(3, 4, 3))
-    with pytest.raises(ValueError, match="model: 0 is a FusedPreActConv2d, which has no synchronized version"):
-        fusedrect.convert_sync_batchnorm(model)
+
+
+@pytest.mark.parametrize("activation", ["relu", "prelu"])
+def test_convert_sync_batchnorm_splits_a_preact_conv_keeping_its_tensors(activation):
+    unit = fusedrect.FusedPreActConv2d(3, 4, 3, 2, 1, bias=True, activation=activation).eval()
+    tensors = {id(t) for t in [*unit.parameters(), *unit.buffers()]}
+    x = torch.randn(2, 3, 6, 6)
+    expected = unit(x)
+    converted = fusedrect.convert_sync_batchnorm(nn.Sequential(unit))[0]
+    sync_cls = fusedrect.FusedSyncBNPReLU if activation == "prelu" else fusedrect.FusedSyncBNReLU
+    assert [type(m) for m in converted] == [sync_cls, nn.Conv2d] and not converted.training
+    assert {id(t) for t in [*converted.parameters(), *converted.buffers()]} == tensors
+    torch.testing.assert_close(converted(x), expected)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -179,7 +189,7 @@ def _ddp_scenario(rank, layouts=("nchw", "channels_last", "nchw"), sizes=(3, 2))
     the gradients over ranks)."""
     torch.manual_seed(0)
     original = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.PReLU(4), nn.Conv2d(4, 4, 1),
-                             nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1)).double()
+                             nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(1), nn.Conv2d(4, 2, 1)).double()
     reference = copy.deepcopy(original)
     group = dist.new_group(list(range(WORLD)))
     fused = fusedrect.convert_sync_batchnorm(fusedrect.convert_model(original), group)
@@ -187,8 +197,9 @@ def _ddp_scenario(rank, layouts=("nchw", "channels_last", "nchw"), sizes=(3, 2))
     model = DistributedDataParallel(fused, process_group=group)
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (model, reference)]
     batch = sum(sizes)
-    pairs = [("converted modules", kinds, [nn.Conv2d, fusedrect.FusedSyncBNPReLU, nn.Identity, nn.Conv2d,
-                                           fusedrect.FusedSyncBNReLU, nn.Identity, nn.Conv2d])]
+    # the first BN -> PReLU -> conv chain: a FusedPreActConv2d, split again by convert_sync_batchnorm
+    pairs = [("converted modules", kinds, [nn.Conv2d, nn.Sequential, nn.Identity, nn.Identity,
+                                           fusedrect.FusedSyncBNReLU, nn.Identity, nn.MaxPool2d, nn.Conv2d])]
     for step, layout in enumerate(layouts):
         x = make_input((batch, 3, 5, 6), layout, torch.float64)
         target = torch.randn(batch, 2, 5, 6, dtype=torch.float64)
@@ -201,8 +212,10 @@ def _ddp_scenario(rank, layouts=("nchw", "channels_last", "nchw"), sizes=(3, 2))
             optimizer.zero_grad()
         pairs.append((f"step {step} output", y, _split(expected, sizes, rank)))
     state = fused.state_dict()
+    renamed = {"1.": "1.0.", "2.weight": "1.0.slope", "3.": "1.1."}  # the chain 1-3, split into (BN+PReLU, conv)
     for key, value in reference.state_dict().items():
-        pairs.append((f"state {key}", state[key.replace("2.weight", "1.slope")], value))
+        prefix = next((p for p in renamed if key.startswith(p)), "")
+        pairs.append((f"state {key}", state[renamed.get(prefix, prefix) + key[len(prefix):]], value))
     return pairs
 
 
