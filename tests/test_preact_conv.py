@@ -69,13 +69,23 @@ def test_matches_plain_modules(kernel, stride, padding, groups, layout, activati
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("kernel, stride, padding, groups", [(3, 1, 1, 1), (1, 2, 0, 2), (3, 2, 0, 1)], ids=str)
 def test_gradcheck(kernel, stride, padding, groups, layout, activation, training):
-    x = make_input((2, 4, 5, 5), layout, torch.float64).requires_grad_()
-    weight, bias = torch.rand(4, dtype=torch.float64) + 0.5, torch.randn(4, dtype=torch.float64)
-    slope = {"relu": None, "prelu": torch.rand(4, dtype=torch.float64),
+    """Fast mode (a random projection of the Jacobian) over every case; the full Jacobian in one below."""
+    assert torch.autograd.gradcheck(*gradcheck_case(kernel, stride, padding, groups, layout, activation, training),
+                                    fast_mode=True)
+
+
+def test_gradcheck_full_jacobian():
+    assert torch.autograd.gradcheck(*gradcheck_case(3, 2, 1, 1, "channels_last", "prelu", True))
+
+
+def gradcheck_case(kernel, stride, padding, groups, layout, activation, training):
+    x = make_input((2, 2, 4, 4), layout, torch.float64).requires_grad_()
+    weight, bias = torch.rand(2, dtype=torch.float64) + 0.5, torch.randn(2, dtype=torch.float64)
+    slope = {"relu": None, "prelu": torch.rand(2, dtype=torch.float64),
              "prelu_shared": torch.rand(1, dtype=torch.float64)}[activation]
-    conv_weight = torch.randn(6, 4 // groups, kernel, kernel, dtype=torch.float64)
-    conv_bias = torch.randn(6, dtype=torch.float64)
-    running = (torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5)
+    conv_weight = torch.randn(4, 2 // groups, kernel, kernel, dtype=torch.float64)
+    conv_bias = torch.randn(4, dtype=torch.float64)
+    running = (torch.randn(2, dtype=torch.float64), torch.rand(2, dtype=torch.float64) + 0.5)
     inputs = [t.requires_grad_() if t is not None else None for t in (x, weight, bias, slope, conv_weight, conv_bias)]
 
     def fn(x, weight, bias, slope, conv_weight, conv_bias):
@@ -83,7 +93,7 @@ def test_gradcheck(kernel, stride, padding, groups, layout, activation, training
         return fusedrect.preact_conv2d(x, *stats, weight, bias, slope, conv_weight, conv_bias, stride, padding,
                                        groups=groups, training=training)
 
-    assert torch.autograd.gradcheck(fn, inputs)
+    return fn, inputs
 
 
 def test_matches_conv2d_of_reference_activation_in_fp32():
