@@ -9,8 +9,10 @@ included.
 
 Where a unit changes shape, the pre-activation is computed once and feeds both the residual branch and the
 1x1 projection shortcut (as in the paper's code): that one activation is stored, by a fused BN + act module.
+The fused ImageNet stem pools with ``MaxPool2dSavingIndices``, which keeps only its indices for backward.
 Convolutions are initialised as in He et al. 2015 for the network's rectifier (``fusedrect.init``).
 """
+import torch
 from torch import nn
 
 from fusedrect import init
@@ -39,6 +41,43 @@ def preact_conv(in_channels, out_channels, kernel_size, stride, activation, fuse
         return FusedPreActConv2d(in_channels, out_channels, kernel_size, stride, padding, **prelu)
     return nn.Sequential(*bn_act(in_channels, activation, False),
                          nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False))
+
+
+class _MaxPoolIndices(torch.autograd.Function):
+    """Max pooling that keeps only its argmax indices for backward (nn.MaxPool2d also keeps its input, whose
+    values its backward never reads: it scatters the gradient to the indices)."""
+
+    @staticmethod
+    def forward(ctx, x, kernel_size, stride, padding):
+        out, indices = torch.ops.aten.max_pool2d_with_indices(x, kernel_size, stride, padding)
+        ctx.mark_non_differentiable(indices)
+        ctx.save_for_backward(indices)
+        ctx.input_geometry = (x.shape, x.stride())
+        ctx.pool = (kernel_size, stride, padding)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (indices,) = ctx.saved_tensors
+        like = torch.empty_strided(*ctx.input_geometry, dtype=grad.dtype, device=grad.device)  # shape, layout only
+        kernel_size, stride, padding = ctx.pool
+        return torch.ops.aten.max_pool2d_with_indices_backward(grad, like, kernel_size, stride, padding, [1, 1], False,
+                                                               indices), None, None, None
+
+
+class MaxPool2dSavingIndices(nn.MaxPool2d):
+    """``nn.MaxPool2d`` (no dilation, floor mode) that saves only its indices for backward: the ImageNet stem's
+    pool, whose input is the largest activation of the network."""
+
+    def __init__(self, kernel_size, stride=None, padding=0):
+        super().__init__(kernel_size, stride, padding)
+
+    def forward(self, input):
+        if not (torch.is_grad_enabled() and input.requires_grad):
+            return super().forward(input)
+        pair = nn.modules.utils._pair
+        return _MaxPoolIndices.apply(input, pair(self.kernel_size), pair(self.stride), pair(self.padding))
 
 
 class _PreActBlock(nn.Module):
@@ -145,8 +184,8 @@ def preact_resnet(depth, num_classes=None, width=None, activation="relu", fused=
         kind, blocks = _IMAGENET_LAYERS[depth]
         block = PreActBottleneck if kind == "bottleneck" else PreActBasicBlock
         width = width or 64
-        stem = nn.Sequential(nn.Conv2d(3, width, 7, 2, 3, bias=False), bn_act(width, activation, fused),
-                             nn.MaxPool2d(3, 2, 1))
+        pool = MaxPool2dSavingIndices(3, 2, 1) if fused else nn.MaxPool2d(3, 2, 1)
+        stem = nn.Sequential(nn.Conv2d(3, width, 7, 2, 3, bias=False), bn_act(width, activation, fused), pool)
         stages = [(width * 2**i, n, 1 if i == 0 else 2) for i, n in enumerate(blocks)]
         return PreActResNet(block, stages, stem, width, num_classes or 1000, activation, fused)
     raise ValueError(f"depth: expected one of {sorted(_CIFAR_BLOCKS)} (CIFAR-style) or {sorted(_IMAGENET_LAYERS)} "
