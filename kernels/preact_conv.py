@@ -209,9 +209,14 @@ def _index_64(*tensors):
     return any(t.numel() >= 2**31 for t in tensors)
 
 
-def _interpreter_config(configs):
-    """The config the interpreter runs (it cannot autotune): the smallest tile of the list."""
-    return min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"]).kwargs
+def _launch(kernel, tuned, configs, grid, args, flags):
+    """Autotuned on a GPU; the interpreter (which cannot autotune) runs the list's smallest tile.
+    ``grid(meta)`` gives the launch grid for a config's block sizes."""
+    if INTERPRET:
+        config = min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"]).kwargs
+        kernel[grid(config)](*args, **flags, **config)
+    else:
+        tuned[grid](*args, **flags)
 
 
 @_on_device
@@ -227,18 +232,12 @@ def conv_fwd(x, mean, invstd, weight, bias, slope, conv_weight, conv_bias, strid
     scale, shift, slope_t, slope_stride, act = _folded(x, mean, invstd, weight, bias, slope)
     args = (x, wt, out, scale, shift, slope_t, slope_stride, conv_bias if conv_bias is not None else scale,
             *sizes.values(), triton.next_power_of_2(M))
-    flags = dict(**shape, ACT=act, HAS_BIAS=conv_bias is not None,
-                 INDEX_64=_index_64(x, out))
-    if INTERPRET:
-        config = _interpreter_config(FWD_CONFIGS[_bits(x)])
-        grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(sizes["Cout"], config["BLOCK_N"]),)
-        _fwd_kernel[grid](*args, **flags, **config)
-        return out
+    flags = dict(**shape, ACT=act, HAS_BIAS=conv_bias is not None, INDEX_64=_index_64(x, out))
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(sizes["Cout"], meta["BLOCK_N"]),)
 
-    _fwd_tuned[_bits(x)][grid](*args, **flags)
+    _launch(_fwd_kernel, _fwd_tuned[_bits(x)], FWD_CONFIGS[_bits(x)], grid, args, flags)
     return out
 
 
@@ -259,20 +258,17 @@ def conv_wgrad(grad_out, x, mean, invstd, weight, bias, slope, conv_weight, stri
     M = sizes["N"] * sizes["OH"] * sizes["OW"]
     scale, shift, slope_t, slope_stride, act = _folded(x, mean, invstd, weight, bias, slope)
     splits, per_split = _wgrad_split(M, ksize * ksize * triton.cdiv(Cin, 64), triton.cdiv(Cout, 64), WGRAD_BLOCK_M)
+    # Every program writes its whole tile of its split's partials; zeros remain only for an empty batch.
     partials = torch.zeros((splits, ksize * ksize * Cin, Cout), dtype=torch.float32, device=x.device)
     if M:
         args = (x, grad_out, partials, scale, shift, slope_t, slope_stride, *sizes.values(), per_split,
                 triton.next_power_of_2(M))
         flags = dict(**shape, ACT=act, INDEX_64=_index_64(x, grad_out))
-        if INTERPRET:
-            config = _interpreter_config(WGRAD_CONFIGS[_bits(x)])
-            grid = (ksize * ksize * triton.cdiv(Cin, config["BLOCK_K"]), triton.cdiv(Cout, config["BLOCK_N"]), splits)
-            _wgrad_kernel[grid](*args, **flags, **config)
-        else:
-            def grid(meta):
-                return (ksize * ksize * triton.cdiv(Cin, meta["BLOCK_K"]), triton.cdiv(Cout, meta["BLOCK_N"]), splits)
 
-            _wgrad_tuned[_bits(x)][grid](*args, **flags)
+        def grid(meta):
+            return (ksize * ksize * triton.cdiv(Cin, meta["BLOCK_K"]), triton.cdiv(Cout, meta["BLOCK_N"]), splits)
+
+        _launch(_wgrad_kernel, _wgrad_tuned[_bits(x)], WGRAD_CONFIGS[_bits(x)], grid, args, flags)
     grad_t = partials.sum(0) if splits > 1 else partials[0]  # fixed-order sum over the splits
     grad = grad_t.reshape(ksize, ksize, Cin, Cout).permute(3, 2, 0, 1)
     return torch.empty_like(conv_weight).copy_(grad)
