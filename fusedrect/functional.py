@@ -25,7 +25,7 @@ def bn_prelu(
     ``memory_efficient=True`` (training only) saves the output instead of the input for backward and recovers
     the input from it, which needs every slope > 0 and every |weight| > eps (checked, on the host).
 
-    ``backend``: ``"auto"``, ``"cpp"``, ``"triton"`` or ``"reference"`` (default: ``$FUSEDRECT_BACKEND``, else
+    ``backend``: ``"auto"``, ``"cpp"``, ``"triton"``, ``"cuda"`` or ``"reference"`` (default: ``$FUSEDRECT_BACKEND``, else
     auto); see fusedrect.ops._backend.
     """
     if slope is None:
@@ -45,7 +45,7 @@ def bn_relu(
 def _bn_act(input, running_mean, running_var, weight, bias, slope, training, momentum, eps, backend,
             memory_efficient=False):
     _validate(input, running_mean, running_var, weight, bias, slope, training, momentum, eps)
-    backend = _backend.resolve(backend, input.device)
+    backend = _backend.resolve(backend, input)
     if training:
         train = bn_act.bn_act_train
         if memory_efficient:
@@ -71,7 +71,7 @@ def preact_conv2d(
     """
     _validate(input, running_mean, running_var, weight, bias, slope, training, momentum, eps)
     conv_args = _validate_conv(input, conv_weight, conv_bias, stride, padding, dilation, groups)
-    backend = _backend.resolve(backend, input.device)
+    backend = _backend.resolve(backend, input)
     if training:
         out, mean, invstd = preact_conv.preact_conv_train(input, weight, bias, slope, eps, conv_weight, conv_bias,
                                                           *conv_args, backend)
