@@ -9,6 +9,8 @@
 
 #include <cstdint>
 
+#include "modes.h"
+
 namespace fusedrect::cuda {
 
 constexpr int kThreads = 256;  // threads per block of every kernel
@@ -74,18 +76,6 @@ __device__ inline void store_lanes(scalar_t* p, int n, bool whole, const T (&v)[
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// The per-channel coefficients every pass reads: a (kRows, C) table in the statistics dtype, built once per
-// call by coefficients_kernel. With scale = gamma * invstd:
-//   z = (x - mean) * scale + beta,  y = act(z);  from the output y (memory-efficient mode, a > 0, scale != 0):
-//   z = y > 0 ? y : y * (1 / a),  x - mean = (z - beta) * (1 / scale);
-//   dx = scale * dz + B * (x - mean) + D   (B = D = 0 unless the statistics came from this batch).
-enum Row : int { kMean, kScale, kBeta, kSlope, kInvScale, kInvSlope, kB, kD, kRows };
-
-// The activation, and how the pass recovers x - mean and z from what it reads.
-enum class Mode { kReLU, kPReLU, kPReLUFromOutput };
-
-constexpr bool is_prelu(Mode m) { return m != Mode::kReLU; }
-
 // act(z): PReLU z > 0 ? z : a * z (as torch.prelu); ReLU z <= 0 ? 0 : z (NaN stays NaN, as torch.relu).
 template <Mode kMode, typename T>
 __device__ inline T activate(T z, T a) {

@@ -6,7 +6,7 @@
 #include <ATen/core/Tensor.h>
 
 #include "../bn_act_args.h"
-#include "device.cuh"
+#include "modes.h"
 
 namespace fusedrect::cuda {
 
