@@ -36,13 +36,15 @@ experiments: build
 	done
 
 # On a lent GPU machine (torch and triton preinstalled, no package registry): build with the machine's own
-# python, run the GPU tests and the CUDA benchmark, keep the JSON in $OUT (else benchmarks/results/).
+# python (the CUDA part must be there), run the GPU tests of both CUDA backends (triton and cuda) and the CUDA
+# benchmark of every available backend, keep the JSON in $OUT (else benchmarks/results/).
 GPU_PY ?= python3
 RESULTS = $(if $(OUT),$(OUT),benchmarks/results)
 
 gpu-check:
 	$(GPU_PY) -c "import sys, torch; torch.cuda.is_available() or sys.exit('make gpu-check: no CUDA device visible to torch')"
 	$(GPU_PY) -m pip install --no-build-isolation --no-deps -e .
+	$(GPU_PY) -c "import sys; from fusedrect.ops import _backend; _backend.cuda_module() or sys.exit('make gpu-check: fusedrect._C was built without its CUDA part (is CUDA_HOME set?)')"
 	$(GPU_PY) -m pytest tests -m gpu -q -p no:cacheprovider
 	mkdir -p $(RESULTS)
 	for dtype in fp32 bf16; do \

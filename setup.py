@@ -1,7 +1,8 @@
 """Builds fusedrect._C against the torch already installed (hence `pip install --no-build-isolation .`).
 
-One extension: a CppExtension with the CPU kernels, or a CUDAExtension that also compiles csrc/cuda when
-torch has CUDA and a CUDA toolkit is found. Environment:
+One extension: a CppExtension with the CPU kernels, or a CUDAExtension that also compiles csrc/cuda (the
+kernels in .cu files, their host code in .cpp files, which the C++ compiler builds faster) when torch has CUDA
+and a CUDA toolkit is found. Environment:
     FUSEDRECT_FORCE_CPU=1         build the CPU-only extension even where CUDA is available
     FUSEDRECT_CPU_CAPABILITY=X    at::vec instruction set of the CPU kernels: DEFAULT, AVX2 or AVX512
                                   (default: what this machine's torch reports, like -march=native)
@@ -60,7 +61,7 @@ def extension():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     return cpp_extension.CUDAExtension(
         "fusedrect._C",
-        sources + sorted(glob.glob("csrc/cuda/*.cu")),
+        sources + sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu")),
         define_macros=macros + [("FUSEDRECT_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
         extra_link_args=openmp,

@@ -1,15 +1,18 @@
-// The op schemas of fusedrect (the only place with m.def) and the Python module stub of fusedrect._C.
-// Implementations register per device: csrc/cpu/*.cpp (CPU), csrc/cuda/*.cu (CUDA). Fake (meta)
-// implementations and autograd are registered in Python, next to each op (fusedrect/ops/).
+// The op schemas of fusedrect (the only place with m.def) and the Python module fusedrect._C.
+// The CPU implementations register per op with the dispatcher (csrc/cpu/*.cpp). The CUDA kernel of every op is
+// a Python router (fusedrect/ops/bn_act.py) that runs the Triton launchers or the CUDA C++ functions of
+// csrc/cuda, which this module exposes as fusedrect._C.cuda.<op name> (same signature as the op; present only
+// in a build with CUDA). Fake (meta) implementations and autograd are registered in Python, next to each op
+// (fusedrect/ops/).
 //
 // Activation: a `slope` (shape (1,) or (C,)) makes the op BatchNorm + PReLU; no slope makes it
 // BatchNorm + ReLU. Statistics (mean, invstd) and per-channel gradients are fp64 for fp64 input and fp32
 // otherwise.
-#include <Python.h>
+#include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
 #ifdef FUSEDRECT_WITH_CUDA
-int fusedrect_cuda_runtime_version();  // csrc/cuda/build_info.cu
+#include "cuda/bn_act.h"
 #endif
 
 TORCH_LIBRARY(fusedrect, m) {
@@ -28,7 +31,6 @@ TORCH_LIBRARY(fusedrect, m) {
   // memory-efficient mode): needs every slope > 0 and every weight != 0 to invert the activation and affine.
   m.def("bn_act_bwd_from_output(Tensor grad_out, Tensor output, Tensor invstd, Tensor? weight, Tensor? bias,"
         " Tensor slope) -> (Tensor, Tensor, Tensor, Tensor)");
-
   // The halves of the training forward and backward, for SyncBN (fusedrect/ops/sync_bn.py), which combines
   // them over ranks. Per-channel batch statistics of `input` alone: (mean, biased variance).
   m.def("bn_stats(Tensor input) -> (Tensor, Tensor)");
@@ -61,16 +63,24 @@ TORCH_LIBRARY(fusedrect, m) {
 #define FUSEDRECT_STR_(x) #x
 #define FUSEDRECT_STR(x) FUSEDRECT_STR_(x)
 
-extern "C" PyMODINIT_FUNC PyInit__C(void) {
-  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "fusedrect's compiled ops.", -1, nullptr};
-  PyObject* module = PyModule_Create(&module_def);
-  if (module == nullptr) return nullptr;
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fusedrect's compiled ops.";
   // What this build holds: the at::vec instruction set of the CPU kernels, the CUDA runtime (0: none).
-  PyModule_AddStringConstant(module, "cpu_capability", FUSEDRECT_STR(CPU_CAPABILITY));
+  m.attr("cpu_capability") = FUSEDRECT_STR(CPU_CAPABILITY);
 #ifdef FUSEDRECT_WITH_CUDA
-  PyModule_AddIntConstant(module, "cuda_runtime_version", fusedrect_cuda_runtime_version());
+  m.attr("cuda_runtime_version") = fusedrect::cuda::runtime_version();
+  namespace fc = fusedrect::cuda;
+  auto cuda = m.def_submodule("cuda", "The CUDA C++ implementations of the ops (the `cuda` backend), one function "
+                                      "per op with the op's signature; called by the ops' CUDA router.");
+  const auto release = pybind11::call_guard<pybind11::gil_scoped_release>();
+  cuda.def("bn_act_fwd_train", &fc::bn_act_fwd_train, release);
+  cuda.def("bn_act_fwd_eval", &fc::bn_act_fwd_eval, release);
+  cuda.def("bn_act_bwd", &fc::bn_act_bwd, release);
+  cuda.def("bn_act_bwd_from_output", &fc::bn_act_bwd_from_output, release);
+  cuda.def("bn_stats", &fc::bn_stats, release);
+  cuda.def("bn_act_bwd_reduce", &fc::bn_act_bwd_reduce, release);
+  cuda.def("bn_act_bwd_elemt", &fc::bn_act_bwd_elemt, release);
 #else
-  PyModule_AddIntConstant(module, "cuda_runtime_version", 0);
+  m.attr("cuda_runtime_version") = 0;
 #endif
-  return module;
 }

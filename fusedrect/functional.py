@@ -26,7 +26,7 @@ def bn_prelu(
     ``memory_efficient=True`` (training only) saves the output instead of the input for backward and recovers
     the input from it, which needs every slope > 0 and every |weight| > eps (checked, on the host).
 
-    ``backend``: ``"auto"``, ``"cpp"``, ``"triton"`` or ``"reference"`` (default: ``$FUSEDRECT_BACKEND``, else
+    ``backend``: ``"auto"``, ``"cpp"``, ``"triton"``, ``"cuda"`` or ``"reference"`` (default: ``$FUSEDRECT_BACKEND``, else
     auto); see fusedrect.ops._backend.
     """
     if slope is None:
@@ -46,7 +46,7 @@ def bn_relu(
 def _bn_act(input, running_mean, running_var, weight, bias, slope, training, momentum, eps, backend,
             memory_efficient=False):
     _validate(input, running_mean, running_var, weight, bias, slope, training, momentum, eps)
-    backend = _backend.resolve(backend, input.device)
+    backend = _backend.resolve(backend, input)
     if training:
         train = bn_act.bn_act_train
         if memory_efficient:
@@ -72,7 +72,7 @@ def preact_conv2d(
     """
     _validate(input, running_mean, running_var, weight, bias, slope, training, momentum, eps)
     conv_args = _validate_conv(input, conv_weight, conv_bias, stride, padding, dilation, groups)
-    backend = _backend.resolve(backend, input.device)
+    backend = _backend.resolve(backend, input)
     if training:
         out, mean, invstd = preact_conv.preact_conv_train(input, weight, bias, slope, eps, conv_weight, conv_bias,
                                                           *conv_args, backend)
@@ -114,7 +114,7 @@ def _sync_bn_act(input, running_mean, running_var, weight, bias, slope, training
     if ranks == 1:
         return _bn_act(input, running_mean, running_var, weight, bias, slope, training, momentum, eps, backend)
     _validate(input, running_mean, running_var, weight, bias, slope, training, momentum, eps, synced=True)
-    backend = _backend.resolve(backend, input.device)
+    backend = _backend.resolve(backend, input)
     y, mean, invstd, count = sync_bn.sync_bn_act_train(input, weight, bias, slope, eps, process_group, ranks, backend)
     if count == 1:  # the same on every rank, so every rank raises
         raise ValueError("Expected more than 1 value per channel when training, got 1 over all ranks of the "

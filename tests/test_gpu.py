@@ -1,18 +1,36 @@
-"""GPU tests of the Triton backend (marked gpu; skipped without a CUDA device): against the reference in
-fp32/bf16/fp16, gradcheck in fp64, drop-in module steps, bitwise determinism, a tensor with more than 2**31
-elements, and torch.compile(fullgraph=True) through the ops."""
+"""GPU tests of the CUDA backends, Triton and the CUDA C++ kernels, with one test body for both (marked gpu;
+skipped without a CUDA device): against the reference in fp32/bf16/fp16, gradcheck in fp64, drop-in module
+steps with running statistics, bitwise determinism, a tensor with more than 2**31 elements,
+torch.compile(fullgraph=True) through the ops, the SyncBN ops, the direct path, and the two backends
+against each other on the same inputs.
+
+A test that takes a backend runs it through the dispatcher: FUSEDRECT_BACKEND names it, so the ops' CUDA
+router picks it (test_gpu_direct_path covers the other way in)."""
 import pytest
 import torch
 
 import fusedrect
 from conftest import ACTIVATIONS, LAYOUTS, fused_call, fused_module, make_input, make_params, torch_modules
 from fusedrect import reference
+from fusedrect.ops import _backend
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
-GPU_BACKENDS = ["triton"]
+GPU_BACKENDS = [
+    pytest.param(b, marks=pytest.mark.skipif(_backend.why_unavailable(b, torch.device("cuda")) is not None,
+                                             reason=f"backend {b!r} is not available"))
+    for b in _backend.CUDA_BACKENDS
+]
+
+
+@pytest.fixture(autouse=True)
+def _routed(request, monkeypatch):
+    """The ops' CUDA router runs the test's backend."""
+    backend = getattr(request.node, "callspec", None) and request.node.callspec.params.get("backend")
+    if backend in _backend.CUDA_BACKENDS:
+        monkeypatch.setenv(_backend.ENV_VAR, backend)
 SHAPES = [(32, 64, 56, 56), (8, 3, 7, 7), (4, 33, 1, 1), (64, 1000), (2, 17, 3, 5, 7)]
 
 
@@ -137,3 +155,75 @@ def test_gpu_memory_efficient_matches_default(layout, dtype, backend):
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     for got, want in zip(*results):
         torch.testing.assert_close(got.float(), want.float(), atol=tol * max(1.0, want.abs().max().item()), rtol=tol)
+
+
+def tolerance(dtype):
+    return {torch.float32: (1e-5, 1e-4), torch.bfloat16: (1e-2, 1.6e-2), torch.float16: (1e-3, 2e-3)}[dtype]
+
+
+@pytest.mark.skipif(any(_backend.why_unavailable(b, torch.device("cuda")) for b in _backend.CUDA_BACKENDS),
+                    reason="needs both CUDA backends")
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_gpu_cuda_matches_triton(shape, layout, activation, dtype, training):
+    """The two implementations on the same inputs: the same numbers up to summation order."""
+    x = make_input(shape, layout, dtype, scale=2.0, shift=1.0).cuda()
+    params = [p.float().cuda() if p is not None else None for p in make_params(shape[1], activation)]
+    grad = torch.randn(shape, device="cuda").to(dtype)
+    triton_results = run(x, params, grad, training, "triton")
+    cuda_results = run(x, params, grad, training, "cuda")
+    atol, rtol = tolerance(dtype)
+    for got, want in zip(cuda_results, triton_results):
+        scale = max(1.0, want.abs().max().item())
+        torch.testing.assert_close(got.float(), want.float(), atol=atol * scale, rtol=rtol)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(8, 33, 9, 9), (64, 1000), (4, 16, 7, 7)], ids=str)
+def test_gpu_syncbn_ops_match_the_fused_backward(shape, layout, activation, dtype, backend):
+    """bn_stats, bn_act_bwd_reduce and bn_act_bwd_elemt (with this rank's count) against the reference
+    statistics and the one-call backward."""
+    if backend == "triton":
+        from fusedrect.kernels import bn_act as kernels
+
+        if not hasattr(kernels, "bn_stats"):
+            pytest.skip("the Triton launchers of the SyncBN ops are not there yet")
+    ops = torch.ops.fusedrect
+    x = make_input(shape, layout, dtype, scale=2.0, shift=1.0).cuda()
+    weight, bias, slope = (p.float().cuda() if p is not None else None for p in make_params(shape[1], activation))
+    grad = torch.randn(x.shape, device="cuda").to(dtype)
+    mean, var = ops.bn_stats(x)
+    dims = [0, *range(2, x.dim())]
+    torch.testing.assert_close(mean, x.double().mean(dims).float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(var, x.double().var(dims, unbiased=False).float(), atol=1e-5, rtol=1e-5)
+    invstd = torch.rsqrt(var + 1e-5)
+    sums = ops.bn_act_bwd_reduce(grad, x, mean, invstd, weight, bias, slope)
+    dx, dweight, dbias, dslope = ops.bn_act_bwd(grad, x, mean, invstd, weight, bias, slope, True)
+    for got, want in zip(sums, (dbias, dweight, dslope)):
+        torch.testing.assert_close(got, want)  # the same reduction pass
+    count = x.numel() // x.shape[1]
+    elemt = ops.bn_act_bwd_elemt(grad, x, mean, invstd, weight, bias, slope, sums[0], sums[1], count)
+    assert elemt.stride() == x.stride()
+    torch.testing.assert_close(elemt.float(), dx.float(), atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=1e-3)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gpu_direct_path(layout, backend, monkeypatch):
+    """backend= naming the implementation that the router does not pick runs it directly, with autograd."""
+    other = "cuda" if backend == "triton" else "triton"
+    monkeypatch.setenv(_backend.ENV_VAR, other)
+    x = make_input((4, 8, 5, 5), layout).cuda()
+    params = [p.float().cuda() for p in make_params(8, "prelu")]
+    grad = torch.randn(x.shape, device="cuda")
+    for training in (True, False):
+        ours = run(x, params, grad, training, backend)
+        exact = run(x.double(), [p.double() for p in params], grad.double(), training, "reference")
+        for got, want in zip(ours, exact):
+            torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)

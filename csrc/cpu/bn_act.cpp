@@ -25,36 +25,6 @@ using at::Tensor;
 
 constexpr int64_t kMergeGrain = 256;  // channels per thread when merging tile partials
 
-// Statistics and reductions: fp64 for fp64 input, fp32 otherwise.
-at::ScalarType stats_dtype(const Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// `p` as a contiguous tensor of `dtype` (undefined where absent), after checking it has `C` elements
-// (or 1 where `shared_ok`).
-Tensor per_channel(const std::optional<Tensor>& p, int64_t C, at::ScalarType dtype, const char* name,
-                   bool shared_ok = false) {
-  if (!p.has_value() || !p->defined()) return Tensor();
-  TORCH_CHECK(p->dim() == 1 && (p->numel() == C || (shared_ok && p->numel() == 1)), name, ": expected shape (",
-              C, shared_ok ? ",) or (1,)" : ",)", ", got ", p->sizes());
-  return p->to(dtype).contiguous();
-}
-
-// The per-channel op arguments as contiguous tensors of the statistics dtype (undefined where absent),
-// after checking their shapes.
-struct ChannelArgs {
-  Tensor mean, invstd, weight, bias, slope;
-
-  ChannelArgs(int64_t C, at::ScalarType dtype, const std::optional<Tensor>& mean_,
-              const std::optional<Tensor>& invstd_, const std::optional<Tensor>& weight_,
-              const std::optional<Tensor>& bias_, const std::optional<Tensor>& slope_)
-      : mean(per_channel(mean_, C, dtype, "mean")),
-        invstd(per_channel(invstd_, C, dtype, "invstd")),
-        weight(per_channel(weight_, C, dtype, "weight")),
-        bias(per_channel(bias_, C, dtype, "bias")),
-        slope(per_channel(slope_, C, dtype, "slope", true)) {}
-};
-
 // The per-channel coefficients every pass reads, one row of C values each, in the statistics dtype.
 enum Row : int64_t { kMean, kScale, kBeta, kSlope, kA, kB, kD, kInvScale, kInvSlope, kRows };
 
@@ -327,22 +297,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Geometry& geo, const T
                   geo.per_channel());
   Tensor dx = grad_input<scalar_t, kPReLU, kFromOutput>(geo, grad_out, input, table);
   return {dx, sum_dz_xhat, sum_dz, grad_slope};
-}
-
-void check_floating(const Tensor& x, const char* name) {
-  const auto s = x.scalar_type();
-  TORCH_CHECK(s == at::kFloat || s == at::kDouble || s == at::kBFloat16 || s == at::kHalf, name,
-              ": expected a float16, bfloat16, float32 or float64 tensor, got ", s);
-}
-
-// grad_out must match the shape, dtype and memory layout of the tensor it is the gradient of (or, from the
-// output, that it is walked together with).
-void check_grad_out(const Tensor& grad_out, const Tensor& like, const char* name, const Geometry& geo) {
-  TORCH_CHECK(grad_out.sizes() == like.sizes() && grad_out.scalar_type() == like.scalar_type(),
-              "grad_out: expected the shape and dtype of ", name, " ", like.sizes(), " ", like.scalar_type(),
-              ", got ", grad_out.sizes(), " ", grad_out.scalar_type());
-  TORCH_CHECK(geometry_of(grad_out, "grad_out").channels_last == geo.channels_last,
-              "grad_out: expected the memory layout of ", name);
 }
 
 // Calls f(scalar_t{}, std::bool_constant<prelu>{}) for the input dtype and the activation.

@@ -1,10 +1,6 @@
 // How a BatchNorm input is walked on the CPU.
 //
-// The input (N, C, *spatial) is viewed as (N, C, S) with S = prod(spatial), and M = N * S elements per
-// channel. Two memory layouts are native:
-//   NCHW           N planes of C contiguous runs of S elements;
-//   channels-last  a row-major (N * S, C) matrix (any rank: (N, C), channels_last, channels_last_3d, and
-//                  (N, C, L) tensors transposed from (N, L, C)).
+// The input is viewed as (N, C, S) in one of two native layouts (NCHW or channels-last, ../bn_act_args.h).
 // Work is cut into tiles of ~kTileElems elements, each a block of memory walked in address order (so the
 // hardware prefetcher streams it), small enough to stay in L2 so a tile can be read twice cheaply:
 //   NCHW           samples [n0, n1) x channels [c0, c1) x positions [s0, s1): whole planes when C * S is
@@ -21,40 +17,13 @@
 #include <array>
 #include <vector>
 
+#include "../bn_act_args.h"
 #include "vec_io.h"
 
 namespace fusedrect::cpu {
 
 inline constexpr int64_t kTileElems = 16384;
 inline constexpr int64_t kChannelBlock = 1024;  // channels-last tiles: at most this many channels
-
-struct Geometry {
-  int64_t N, C, S;
-  bool channels_last;
-
-  int64_t per_channel() const { return N * S; }
-};
-
-// True when `x` is laid out as a row-major (N * S, C) matrix.
-inline bool is_channels_last_dense(const at::Tensor& x) {
-  std::vector<int64_t> order{0};
-  for (int64_t d = 2; d < x.dim(); ++d) order.push_back(d);
-  order.push_back(1);
-  return x.permute(order).is_contiguous();
-}
-
-// NCHW when x is contiguous (unless S == 1, where the matrix walk is the better one), channels-last when
-// x is a dense (N*S, C) matrix; anything else is rejected (the Python front door copies it first).
-inline Geometry geometry_of(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.dim() >= 2, name, ": expected at least 2 dims (N, C, ...), got ", x.sizes());
-  Geometry g{x.size(0), x.size(1), 1, false};
-  for (int64_t d = 2; d < x.dim(); ++d) g.S *= x.size(d);
-  const bool nchw = x.is_contiguous();
-  const bool cl = is_channels_last_dense(x);
-  TORCH_CHECK(nchw || cl, name, ": expected a contiguous or channels-last tensor, got strides ", x.strides());
-  g.channels_last = cl && (g.S == 1 || !nchw);
-  return g;
-}
 
 struct Tile {
   int64_t g;       // row of the (G, C) partial buffers

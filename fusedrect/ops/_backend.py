@@ -2,14 +2,22 @@
 
 Order of precedence: an explicit ``backend=`` argument, then the ``FUSEDRECT_BACKEND`` environment variable,
 then ``"auto"``. An explicitly requested backend that cannot run raises; auto picks the fastest one that can
-run on the tensor's device and warns once where that is the (slow) reference.
+run on the tensor and warns once where that is the (slow) reference.
 
 Backends:
     ``"cpp"``        the compiled C++ kernels of ``fusedrect._C`` (CPU tensors)
     ``"triton"``     the Triton kernels of ``fusedrect.kernels`` (CUDA tensors; CPU tensors under
                      ``TRITON_INTERPRET=1``, Triton's interpreter, for testing without a GPU)
+    ``"cuda"``       the CUDA C++ kernels of ``fusedrect._C.cuda`` (CUDA tensors; needs a build with CUDA)
     ``"reference"``  ``fusedrect.reference``: pure PyTorch, any device, always available
+
+CUDA tensors have two implementations behind one dispatcher kernel per op (the router of
+fusedrect/ops/bn_act.py), which runs :func:`cuda_implementation` of the op's tensor: ``FUSEDRECT_BACKEND``
+where it names ``"triton"`` or ``"cuda"``, else auto = Triton where it is importable, else the CUDA C++
+kernels. The auto rule stands until a GPU measurement says which is faster for which layout and dtype; it
+is what ``"auto"`` resolves to for CUDA tensors.
 """
+import functools
 import importlib.util
 import os
 import warnings
@@ -25,7 +33,8 @@ except ImportError as error:  # a pure-Python install: the package still works, 
         stacklevel=2,
     )
 
-BACKENDS = ("cpp", "triton", "reference")
+BACKENDS = ("cpp", "triton", "cuda", "reference")
+CUDA_BACKENDS = ("triton", "cuda")  # the implementations the ops' CUDA router chooses from
 ENV_VAR = "FUSEDRECT_BACKEND"
 
 _warned_devices = set()
@@ -36,45 +45,82 @@ def compiled():
     return _C is not None
 
 
+def cuda_module():
+    """``fusedrect._C.cuda``, the CUDA C++ functions of the ops; None where _C is missing or built without CUDA."""
+    return getattr(_C, "cuda", None)
+
+
+@functools.cache
+def triton_importable():
+    return importlib.util.find_spec("triton") is not None
+
+
 def triton_interpreted():
     """True when Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 before triton's import)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _why_unavailable(backend, device):
+def why_unavailable(backend, device):
+    """Why ``backend`` cannot run on tensors on ``device``, or None where it can."""
     if backend == "cpp":
         if _C is None:
             return "fusedrect._C is not built"
         if device.type != "cpu":
             return f"it runs on CPU tensors only, got a {device.type} tensor"
     if backend == "triton":
-        if importlib.util.find_spec("triton") is None:
+        if not triton_importable():
             return "triton is not installed"
         if device.type == "cpu" and not triton_interpreted():
             return "it runs on CPU tensors only under TRITON_INTERPRET=1"
         if device.type not in ("cpu", "cuda"):
             return f"it runs on CUDA tensors, got a {device.type} tensor"
+    if backend == "cuda":
+        if _C is None:
+            return "fusedrect._C is not built"
+        if cuda_module() is None:
+            return ("fusedrect._C was built without CUDA (FUSEDRECT_FORCE_CPU=1, a CPU-only torch, or no CUDA "
+                    "toolkit at build time)")
+        if device.type != "cuda":
+            return f"it runs on CUDA tensors only, got a {device.type} tensor"
     return None
 
 
 def available(device):
     """The kernel backends that can run on tensors on ``device`` (the reference always can)."""
-    return [b for b in BACKENDS if b != "reference" and _why_unavailable(b, device) is None]
+    return [b for b in BACKENDS if b != "reference" and why_unavailable(b, device) is None]
 
 
-def resolve(backend, device):
-    """The backend that runs for a tensor on ``device``, given the ``backend=`` argument (or None)."""
+def cuda_implementation(x):
+    """The implementation that the ops' CUDA router runs for the CUDA tensor ``x``: ``"triton"`` or ``"cuda"``.
+
+    A pure function of ``FUSEDRECT_BACKEND`` and x's layout and dtype: the variable where it names one of the
+    two, else Triton where it is importable, else the CUDA C++ kernels (the same for every layout and dtype
+    until a GPU measurement says otherwise). Whether the pick can run is the router's check, not this one's.
+    """
+    requested = os.environ.get(ENV_VAR)
+    if requested in CUDA_BACKENDS:
+        return requested
+    return "triton" if triton_importable() else "cuda"
+
+
+def resolve(backend, x):
+    """The backend that runs for the tensor ``x``, given the ``backend=`` argument (or None)."""
+    device = x.device
     requested = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
     if requested not in ("auto", *BACKENDS):
         source = "backend" if backend is not None else ENV_VAR
         raise ValueError(f"{source}: expected one of {('auto', *BACKENDS)}, got {requested!r}")
     if requested != "auto":
-        reason = _why_unavailable(requested, device)
+        reason = why_unavailable(requested, device)
         if reason is not None:
             raise RuntimeError(f"fusedrect backend {requested!r} cannot run: {reason}")
         return requested
-    preferred = "cpp" if device.type == "cpu" else "triton"
-    if _why_unavailable(preferred, device) is None:
+    preferred = None
+    if device.type == "cpu":
+        preferred = "cpp"
+    elif device.type == "cuda":
+        preferred = cuda_implementation(x)
+    if preferred is not None and why_unavailable(preferred, device) is None:
         return preferred
     if _C is not None and device.type not in _warned_devices:
         _warned_devices.add(device.type)

@@ -1,15 +1,17 @@
 """The fused BatchNorm + ReLU/PReLU ops (``torch.ops.fusedrect.bn_act_*``, schemas in csrc/fusedrect.cpp):
-their fake implementations, autograd and device kernels registered from Python, and the per-call entry points
+their fake implementations, autograd and CUDA kernel registered from Python, and the per-call entry points
 that run the resolved backend.
 
 The ops are free of side effects: training forward returns ``(y, mean, invstd)`` and the caller updates
 running statistics. Backward recomputes the activation from ``x``; only ``x``, the parameters and the
 per-channel statistics are saved (in the memory-efficient mode, ``y`` instead of ``x``).
 
-Kernels reach the ops through the dispatcher (CPU: the C++ kernels registered by ``fusedrect._C``; CUDA: the
-Triton launchers registered below), which is what ``torch.compile`` and ``opcheck`` see. Triton running in its
-interpreter on CPU tensors cannot sit behind the CPU dispatch key (the C++ kernels do), so that one path
-calls the launchers directly under an autograd.Function with the same backward.
+Kernels reach the ops through the dispatcher, which is what ``torch.compile`` and ``opcheck`` see. CPU: the
+C++ kernels registered by ``fusedrect._C``. CUDA: one router per op, registered below, that runs the
+implementation ``_backend.cuda_implementation`` picks for the op's tensor (the Triton launchers or the CUDA
+C++ functions of ``fusedrect._C.cuda``). A backend that the dispatcher would not run for a tensor (an
+explicit ``backend=`` other than the router's pick, or Triton in its interpreter on CPU tensors) is called
+directly under an autograd.Function with the same backward.
 """
 import functools
 
@@ -50,6 +52,15 @@ def _triton(name):
         from fusedrect.kernels import bn_act as kernels
 
         return getattr(kernels, name)(*args)
+
+    return launch
+
+
+def _cuda(name):
+    """A CUDA C++ function of fusedrect._C.cuda."""
+
+    def launch(*args):
+        return getattr(_backend.cuda_module(), name)(*args)
 
     return launch
 
@@ -96,7 +107,26 @@ def _eval_backward(ctx, grad_y):
 
 
 _OP_NAMES = ("bn_act_fwd_train", "bn_act_fwd_eval", "bn_act_bwd", "bn_act_bwd_from_output")
-_TRITON = {name: _triton(name) for name in _OP_NAMES}
+# Every op with a CUDA implementation, and the position of the argument whose layout and dtype pick it.
+_ROUTED = {"bn_act_fwd_train": 0, "bn_act_fwd_eval": 0, "bn_act_bwd": 1, "bn_act_bwd_from_output": 1,
+           "bn_stats": 0, "bn_act_bwd_reduce": 1, "bn_act_bwd_elemt": 1}
+# The functions of each CUDA implementation (Triton also on CPU tensors in its interpreter), by op name.
+_IMPLS = {"triton": {name: _triton(name) for name in _ROUTED}, "cuda": {name: _cuda(name) for name in _ROUTED}}
+
+
+def _router(name):
+    """The CUDA kernel of op ``name``: runs the implementation that _backend picks for the op's tensor."""
+    position = _ROUTED[name]
+
+    def route(*args):
+        x = args[position]
+        backend = _backend.cuda_implementation(x)
+        reason = _backend.why_unavailable(backend, x.device)
+        if reason is not None:
+            raise RuntimeError(f"fusedrect backend {backend!r} cannot run: {reason}")
+        return _IMPLS[backend][name](*args)
+
+    return route
 
 
 def _no_double_backward(ctx, *grads):
@@ -140,41 +170,56 @@ if _backend.compiled():
 
     torch.library.register_autograd("fusedrect::bn_act_bwd", _no_double_backward)
     torch.library.register_autograd("fusedrect::bn_act_bwd_from_output", _no_double_backward)
-    for _name in _OP_NAMES:
-        torch.library.register_kernel(f"fusedrect::{_name}", "cuda", _TRITON[_name])
+    for _name in _ROUTED:
+        torch.library.register_kernel(f"fusedrect::{_name}", "cuda", _router(_name))
 
 
-class _TritonDirectTrain(torch.autograd.Function):
-    """Training forward of the Triton launchers called outside the dispatcher (interpreted, CPU tensors)."""
-
-    @staticmethod
-    def forward(x, weight, bias, slope, eps):
-        return _TRITON["bn_act_fwd_train"](x, weight, bias, slope, eps)
+class _DirectTrain(torch.autograd.Function):
+    """Training forward of the implementation ``ops`` (op name -> function) called outside the dispatcher."""
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        _train_setup(ctx, inputs, output, _TRITON["bn_act_bwd"])
-
-    backward = staticmethod(torch.autograd.function.once_differentiable(_train_backward))
-
-
-class _TritonDirectEval(torch.autograd.Function):
-    """Eval forward of the Triton launchers called outside the dispatcher (interpreted, CPU tensors)."""
-
-    @staticmethod
-    def forward(x, mean, invstd, weight, bias, slope):
-        return _TRITON["bn_act_fwd_eval"](x, mean, invstd, weight, bias, slope)
+    def forward(x, weight, bias, slope, eps, ops):
+        return ops["bn_act_fwd_train"](x, weight, bias, slope, eps)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _eval_setup(ctx, inputs, output, _TRITON["bn_act_bwd"])
+        _train_setup(ctx, inputs[:5], output, inputs[5]["bn_act_bwd"])
 
-    backward = staticmethod(torch.autograd.function.once_differentiable(_eval_backward))
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        return *_train_backward(ctx, *grads), None
+
+
+class _DirectEval(torch.autograd.Function):
+    """Eval forward of the implementation ``ops`` called outside the dispatcher."""
+
+    @staticmethod
+    def forward(x, mean, invstd, weight, bias, slope, ops):
+        return ops["bn_act_fwd_eval"](x, mean, invstd, weight, bias, slope)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _eval_setup(ctx, inputs[:6], output, inputs[6]["bn_act_bwd"])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        return *_eval_backward(ctx, grad_y), None
 
 
 def _through_dispatcher(backend, x):
-    """True when the dispatcher routes x's device to ``backend`` (CPU: cpp, CUDA: triton)."""
-    return _backend.compiled() and (backend == "cpp" or x.device.type == "cuda")
+    """True when the dispatcher runs ``backend`` for x: cpp for CPU tensors, the router's pick for CUDA ones."""
+    if not _backend.compiled():
+        return False
+    if backend == "cpp":
+        return True
+    return x.device.type == "cuda" and _backend.cuda_implementation(x) == backend
+
+
+def dispatcher_ops():
+    """The ops through the dispatcher, by name (what each device's registered kernel runs)."""
+    return {name: getattr(torch.ops.fusedrect, name) for name in _OP_NAMES}
 
 
 class _MemoryEfficientTrain(torch.autograd.Function):
@@ -202,17 +247,15 @@ class _MemoryEfficientTrain(torch.autograd.Function):
 
 
 def _ops_for(backend, x):
-    """The op functions of ``backend`` for x: through the dispatcher, or the Triton launchers directly."""
-    if _through_dispatcher(backend, x):
-        return {name: getattr(torch.ops.fusedrect, name) for name in _OP_NAMES}
-    return _TRITON
+    """The op functions of ``backend`` for x: through the dispatcher, or the implementation's own directly."""
+    return dispatcher_ops() if _through_dispatcher(backend, x) else _IMPLS[backend]
 
 
 def bn_act_train_memory_efficient(x, weight, bias, slope, eps, backend):
     """Training forward that saves only its output for backward: ``(y, mean, invstd)``. The caller checks that
     every slope is > 0 and every weight non-zero (the activation and the affine must be invertible)."""
     if backend == "reference":
-        raise ValueError("memory_efficient: needs a kernel backend (cpp or triton), not the reference")
+        raise ValueError("memory_efficient: needs a kernel backend (cpp, triton or cuda), not the reference")
     x = native_layout(x)
     return _MemoryEfficientTrain.apply(x, weight, bias, slope, eps, _ops_for(backend, x))
 
@@ -224,7 +267,7 @@ def bn_act_train(x, weight, bias, slope, eps, backend):
     x = native_layout(x)
     if _through_dispatcher(backend, x):
         return torch.ops.fusedrect.bn_act_fwd_train(x, weight, bias, slope, eps)
-    return _TritonDirectTrain.apply(x, weight, bias, slope, eps)
+    return _DirectTrain.apply(x, weight, bias, slope, eps, _IMPLS[backend])
 
 
 def bn_act_eval(x, mean, invstd, weight, bias, slope, backend):
@@ -234,4 +277,4 @@ def bn_act_eval(x, mean, invstd, weight, bias, slope, backend):
     x = native_layout(x)
     if _through_dispatcher(backend, x):
         return torch.ops.fusedrect.bn_act_fwd_eval(x, mean, invstd, weight, bias, slope)
-    return _TritonDirectEval.apply(x, mean, invstd, weight, bias, slope)
+    return _DirectEval.apply(x, mean, invstd, weight, bias, slope, _IMPLS[backend])

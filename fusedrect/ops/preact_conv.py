@@ -12,13 +12,13 @@ directly on CPU tensors under TRITON_INTERPRET=1):
 Saved for backward: x, the per-channel statistics and the parameters; never the activation.
 """
 import functools
-import importlib.util
 
 import torch
 
 from fusedrect import reference
 from fusedrect.ops import _backend
-from fusedrect.ops.bn_act import _like, _needed_grads, _ops_for, _stats_like, _through_dispatcher, native_layout
+from fusedrect.ops.bn_act import (_like, _needed_grads, _ops_for, _stats_like, _through_dispatcher, dispatcher_ops,
+                                  native_layout)
 
 aten = torch.ops.aten
 
@@ -29,7 +29,7 @@ def _conv(a, conv_weight, conv_bias, stride, padding, dilation, groups):
 
 class _Impl:
     """The three ops on one set of BatchNorm + act kernels (``bn``: op name -> function), with the Triton
-    convolution where ``triton_conv`` and the call is one it covers."""
+    convolution where ``triton_conv(x)`` and the call is one it covers."""
 
     def __init__(self, bn, triton_conv):
         self.bn = bn
@@ -37,7 +37,7 @@ class _Impl:
 
     def _kernels(self, x, conv_weight, stride, padding, dilation, groups):
         """fusedrect.kernels.preact_conv when its convolution runs this call, else None."""
-        if not self.triton_conv:
+        if not self.triton_conv(x):
             return None
         from fusedrect.kernels import preact_conv
 
@@ -80,10 +80,6 @@ class _Impl:
         grad_conv_bias = grad_out.sum((0, 2, 3)) if has_conv_bias else grad_out.new_empty((0,))
         grads = self.bn["bn_act_bwd"](_like(grad_a, x), x, mean, invstd, weight, bias, slope, batch_stats)
         return (*grads, grad_conv_weight, grad_conv_bias)
-
-
-def _triton_importable():
-    return importlib.util.find_spec("triton") is not None
 
 
 # Autograd, shared by the dispatcher ops and the direct path: ctx.bwd is the backward of the same backend.
@@ -137,17 +133,21 @@ def _no_double_backward(ctx, *grads):
     )
 
 
+def _routed_to_triton(x):
+    """True when the ops' CUDA router runs Triton for x (then the Triton convolution runs as well)."""
+    return x.device.type == "cuda" and _backend.cuda_implementation(x) == "triton"
+
+
 @functools.cache
-def _registered(device_type):
-    """The implementation the dispatcher runs for ``device_type`` (resolved on first use: triton is slow to
-    import)."""
-    return _Impl(_ops_for("cpp" if device_type == "cpu" else "triton", torch.empty(0, device=device_type)),
-                 device_type == "cuda" and _triton_importable())
+def _registered():
+    """The implementation the dispatcher runs on every device: the BatchNorm + act ops through the dispatcher,
+    the Triton convolution where the ops' CUDA router picks Triton."""
+    return _Impl(dispatcher_ops(), _routed_to_triton)
 
 
-def _kernel(device_type, method):
+def _kernel(method):
     def run(*args):
-        return getattr(_registered(device_type), method)(*args)
+        return getattr(_registered(), method)(*args)
 
     return run
 
@@ -175,7 +175,7 @@ if _backend.compiled():
 
     for _device in ("cpu", "cuda"):
         for _method in ("fwd_train", "fwd_eval", "bwd"):
-            torch.library.register_kernel(f"fusedrect::preact_conv_{_method}", _device, _kernel(_device, _method))
+            torch.library.register_kernel(f"fusedrect::preact_conv_{_method}", _device, _kernel(_method))
 
     torch.library.register_autograd("fusedrect::preact_conv_fwd_train", _train_backward,
                                     setup_context=functools.partial(_train_setup, bwd=_OPS.preact_conv_bwd))
@@ -224,7 +224,7 @@ def _direct_impl(backend, x):
     """The implementation of ``backend`` for x when the dispatcher does not route x's device to it, else None."""
     if _through_dispatcher(backend, x):
         return None
-    return _Impl(_ops_for(backend, x), backend == "triton")
+    return _Impl(_ops_for(backend, x), lambda _x: backend == "triton")
 
 
 def preact_conv_train(x, weight, bias, slope, eps, conv_weight, conv_bias, stride, padding, dilation, groups,

@@ -1,9 +1,9 @@
 """SyncBN: BatchNorm + ReLU/PReLU whose batch statistics span every rank of a ``torch.distributed`` process group.
 
-The halves of the fused ops (schemas in csrc/fusedrect.cpp) are ops of their own, with fake implementations and
-the Triton launchers registered for CUDA here: ``bn_stats``, ``bn_act_bwd_reduce``, ``bn_act_bwd_elemt``. They
-have no autograd: the autograd.Function below combines them with the collectives. Per channel, rank r holding
-n_r elements:
+The halves of the fused ops (schemas in csrc/fusedrect.cpp) are ops of their own, with fake implementations
+here (their CUDA kernel is the router of fusedrect/ops/bn_act.py): ``bn_stats``, ``bn_act_bwd_reduce``,
+``bn_act_bwd_elemt``. They have no autograd: the autograd.Function below combines them with the collectives.
+Per channel, rank r holding n_r elements:
 
     forward   (mean_r, var_r) = bn_stats(x_r); all_gather (n_r, mean_r, M2_r = var_r * n_r) in fp64, then, in
               rank order (Chan et al.'s merge of all ranks at once):
@@ -23,12 +23,11 @@ import torch.distributed as dist
 
 from fusedrect import reference
 from fusedrect.ops import _backend
-from fusedrect.ops.bn_act import _like, _needed_grads, _stats_like, _through_dispatcher, _triton, native_layout
+from fusedrect.ops.bn_act import _IMPLS, _like, _needed_grads, _stats_like, _through_dispatcher, native_layout
 
 _OP_NAMES = ("bn_stats", "bn_act_bwd_reduce", "bn_act_bwd_elemt")
 _REFERENCE = {"bn_stats": reference.bn_stats, "bn_act_fwd_eval": reference.bn_act_eval,
               "bn_act_bwd_reduce": reference.bn_act_bwd_reduce, "bn_act_bwd_elemt": reference.bn_act_bwd_elemt}
-_TRITON = {name: _triton(name) for name in (*_OP_NAMES, "bn_act_fwd_eval")}
 
 
 def _no_autograd(ctx, *grads):
@@ -55,17 +54,16 @@ if _backend.compiled():
 
     for _name in _OP_NAMES:
         torch.library.register_autograd(f"fusedrect::{_name}", _no_autograd)
-        torch.library.register_kernel(f"fusedrect::{_name}", "cuda", _TRITON[_name])
 
 
 def _ops_for(backend, x):
-    """The four ops SyncBN runs, on ``backend`` for x: the reference, the dispatcher, or the Triton launchers
-    directly (interpreted, CPU tensors)."""
+    """The four ops SyncBN runs, on ``backend`` for x: the reference, the dispatcher, or the implementation's own
+    functions directly (a backend the dispatcher does not pick for x, e.g. Triton interpreted on CPU tensors)."""
     if backend == "reference":
         return _REFERENCE
     if _through_dispatcher(backend, x):
         return {name: getattr(torch.ops.fusedrect, name) for name in _REFERENCE}
-    return _TRITON
+    return {name: _IMPLS[backend][name] for name in _REFERENCE}
 
 
 def world_size(process_group):

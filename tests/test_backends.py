@@ -1,0 +1,129 @@
+"""Which implementation runs, without a GPU: the environment variable, the backend= argument, the errors for a
+backend that cannot run, the CUDA router's choice between Triton and the CUDA C++ kernels, and when a call
+leaves the dispatcher for the direct path. CUDA tensors are stood in for by objects with a CUDA device (the
+choice reads only the device, layout and dtype)."""
+import types
+
+import pytest
+import torch
+
+import fusedrect
+from fusedrect.ops import _backend, bn_act
+
+pytestmark = pytest.mark.skipif(not _backend.compiled(), reason="needs the compiled extension")
+
+
+class CudaTensor:
+    """What the backend choice reads of a CUDA tensor."""
+
+    def __init__(self, dtype=torch.float32):
+        self.device = torch.device("cuda", 0)
+        self.dtype = dtype
+
+
+@pytest.fixture
+def no_env(monkeypatch):
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+
+
+@pytest.fixture
+def without_cuda_part(monkeypatch):
+    """As if fusedrect._C had been built with FUSEDRECT_FORCE_CPU=1."""
+    stub = types.SimpleNamespace(cpu_capability=_backend._C.cpu_capability, cuda_runtime_version=0)
+    monkeypatch.setattr(_backend, "_C", stub)
+
+
+def test_cuda_is_a_backend():
+    assert "cuda" in fusedrect.BACKENDS and set(_backend.CUDA_BACKENDS) == {"triton", "cuda"}
+
+
+@pytest.mark.parametrize("env", ["triton", "cuda"])
+def test_environment_variable_picks_the_cuda_implementation(monkeypatch, env):
+    monkeypatch.setenv(_backend.ENV_VAR, env)
+    assert _backend.cuda_implementation(CudaTensor()) == env
+
+
+@pytest.mark.parametrize("env", [None, "auto", "cpp", "reference"])
+@pytest.mark.parametrize("triton", [True, False])
+def test_auto_prefers_triton_when_importable(monkeypatch, env, triton):
+    if env is None:
+        monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(_backend.ENV_VAR, env)
+    monkeypatch.setattr(_backend, "triton_importable", lambda: triton)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        assert _backend.cuda_implementation(CudaTensor(dtype)) == ("triton" if triton else "cuda")
+
+
+def test_auto_resolves_cuda_tensors_to_the_routers_choice(monkeypatch, no_env):
+    monkeypatch.setattr(_backend, "triton_importable", lambda: True)
+    assert _backend.resolve(None, CudaTensor()) == "triton"
+    assert _backend.resolve(None, torch.empty(2, 3)) == "cpp"
+    if _backend.cuda_module() is not None:
+        monkeypatch.setattr(_backend, "triton_importable", lambda: False)
+        assert _backend.resolve(None, CudaTensor()) == "cuda"
+
+
+def test_auto_without_triton_or_the_cuda_part_runs_the_reference(without_cuda_part, monkeypatch, no_env):
+    monkeypatch.setattr(_backend, "triton_importable", lambda: False)
+    monkeypatch.setattr(_backend, "_warned_devices", set())
+    with pytest.warns(RuntimeWarning, match="no fused kernels for cuda tensors"):
+        assert _backend.resolve(None, CudaTensor()) == "reference"
+
+
+def test_argument_wins_over_environment(monkeypatch):
+    monkeypatch.setenv(_backend.ENV_VAR, "triton")
+    assert _backend.resolve("reference", CudaTensor()) == "reference"
+    if _backend.cuda_module() is not None:
+        assert _backend.resolve("cuda", CudaTensor()) == "cuda"
+
+
+def test_cuda_backend_on_a_cpu_tensor_raises(no_env):
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run: it runs on CUDA tensors only, got a cpu"):
+        fusedrect.bn_relu(torch.randn(4, 3, 2, 2), None, None, training=True, backend="cuda")
+
+
+def test_cuda_backend_without_the_cuda_part_raises(without_cuda_part, monkeypatch):
+    assert _backend.why_unavailable("cuda", torch.device("cuda")).startswith("fusedrect._C was built without CUDA")
+    assert "cuda" not in _backend.available(torch.device("cuda"))
+    monkeypatch.setenv(_backend.ENV_VAR, "cuda")
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run: fusedrect._C was built without CUDA"):
+        _backend.resolve(None, CudaTensor())
+
+
+def test_router_runs_the_chosen_implementation(monkeypatch):
+    calls = []
+    fake = {backend: {name: (lambda *args, backend=backend, name=name: calls.append((backend, name)))
+                      for name in bn_act._ROUTED} for backend in _backend.CUDA_BACKENDS}
+    monkeypatch.setattr(bn_act, "_IMPLS", fake)
+    monkeypatch.setattr(_backend, "why_unavailable", lambda backend, device: None)
+    x = CudaTensor()
+    for env in _backend.CUDA_BACKENDS:
+        monkeypatch.setenv(_backend.ENV_VAR, env)
+        bn_act._router("bn_act_fwd_train")(x, None, None, None, 1e-5)
+        bn_act._router("bn_act_bwd")(x, x, None, None, None, None, None, True)
+        bn_act._router("bn_act_bwd_elemt")(x, x, None, None, None, None, None, None, None, 4)
+    assert calls == [(env, name) for env in _backend.CUDA_BACKENDS
+                     for name in ("bn_act_fwd_train", "bn_act_bwd", "bn_act_bwd_elemt")]
+
+
+def test_router_raises_when_its_choice_cannot_run(without_cuda_part, monkeypatch):
+    monkeypatch.setenv(_backend.ENV_VAR, "cuda")
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run: fusedrect._C was built without CUDA"):
+        bn_act._router("bn_act_fwd_eval")(CudaTensor(), None, None, None, None, None)
+
+
+def test_every_routed_op_has_one_cuda_kernel():
+    for name in bn_act._ROUTED:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedrect::{name}", "CUDA"), name
+
+
+@pytest.mark.parametrize("env", ["triton", "cuda"])
+def test_a_backend_other_than_the_routers_goes_direct(monkeypatch, env):
+    monkeypatch.setenv(_backend.ENV_VAR, env)
+    other = "cuda" if env == "triton" else "triton"
+    assert bn_act._through_dispatcher(env, CudaTensor())
+    assert not bn_act._through_dispatcher(other, CudaTensor())
+    assert bn_act._ops_for(other, CudaTensor()) is bn_act._IMPLS[other]
+    assert bn_act._through_dispatcher("cpp", torch.empty(2, 3))
+    assert not bn_act._through_dispatcher("triton", torch.empty(2, 3))  # the interpreter
