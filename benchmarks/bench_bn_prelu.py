@@ -16,8 +16,8 @@ from torch import nn
 import fusedrect
 from fusedrect.ops import _backend
 
-from common import (DTYPES, Progress, copy_ms, format_table, geometric_mean, machine_info, median_ms,
-                    saved_bytes, write_json)
+from common import (DTYPES, Progress, copy_ms, finish, format_table, geometric_mean, median_ms, pyplot,
+                    saved_bytes)
 
 RESNET_STAGES = ["32x64x56x56", "32x128x28x28", "32x256x14x14", "32x512x7x7"]
 MODES = ("train_fwd", "train_fwd_bwd", "eval_fwd")
@@ -184,12 +184,7 @@ def report(records):
 
 
 def plot(path, records):
-    try:
-        import matplotlib
-    except ImportError as error:
-        raise SystemExit(f"--plot needs matplotlib ({error}); pip install matplotlib") from error
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     modes = [m for m in MODES if any(r["mode"] == m for r in records)]
     fig, axes = plt.subplots(len(modes), 1, figsize=(14, 3.5 * len(modes)), squeeze=False)
@@ -221,12 +216,7 @@ def plot(path, records):
 
 def main(argv=None):
     args = parse_args(argv)
-    records = run(args)
-    print(report(records))
-    if args.json:
-        write_json(args.json, records, machine_info(args.device))
-    if args.plot:
-        plot(args.plot, records)
+    finish(args, run(args), report, plot)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ from torch import nn
 import fusedrect
 from fusedrect.resnet import preact_resnet
 
-from common import (DTYPES, Progress, format_table, geometric_mean, machine_info, median_ms, saved_bytes,
-                    synchronize, write_json)
+from common import (DTYPES, Progress, finish, format_table, geometric_mean, median_ms, pyplot, saved_bytes,
+                    synchronize)
 
 DEFAULTS = {  # per device: unit shapes, network depth, batch and image size
     "cpu": {"units": "8x64x56x56,8x128x28x28,8x256x14x14,8x512x7x7", "depth": 20, "batch": 32, "image": 32},
@@ -227,12 +227,7 @@ def report(records):
 
 
 def plot(path, records):
-    try:
-        import matplotlib
-    except ImportError as error:
-        raise SystemExit(f"--plot needs matplotlib ({error}); pip install matplotlib") from error
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     units = {}
     for r in records:
@@ -257,12 +252,7 @@ def plot(path, records):
 
 def main(argv=None):
     args = parse_args(argv)
-    records = run(args)
-    print(report(records))
-    if args.json:
-        write_json(args.json, records, machine_info(args.device))
-    if args.plot:
-        plot(args.plot, records)
+    finish(args, run(args), report, plot)
 
 
 if __name__ == "__main__":

@@ -110,3 +110,24 @@ def format_table(headers, rows):
 def geometric_mean(values):
     values = [v for v in values if v and v > 0]
     return statistics.geometric_mean(values) if values else float("nan")
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or a clear exit where matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise SystemExit(f"--plot needs matplotlib ({error}); pip install matplotlib") from error
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def finish(args, records, report, plot):
+    """The table on stdout, then the JSON and the chart where --json / --plot ask for them."""
+    print(report(records))
+    if args.json:
+        write_json(args.json, records, machine_info(args.device))
+    if args.plot:
+        plot(args.plot, records)
