@@ -26,8 +26,8 @@ def bn_prelu(
     ``memory_efficient=True`` (training only) saves the output instead of the input for backward and recovers
     the input from it, which needs every slope > 0 and every |weight| > eps (checked, on the host).
 
-    ``backend``: ``"auto"``, ``"cpp"``, ``"triton"``, ``"cuda"`` or ``"reference"`` (default: ``$FUSEDRECT_BACKEND``, else
-    auto); see fusedrect.ops._backend.
+    ``backend``: ``"auto"``, ``"cpp"``, ``"triton"``, ``"cuda"`` or ``"reference"`` (default:
+    ``$FUSEDRECT_BACKEND``, else auto); see fusedrect.ops._backend.
     """
     if slope is None:
         raise TypeError("slope: bn_prelu needs a tensor of shape (1,) or (C,); use bn_relu for ReLU")

@@ -174,38 +174,39 @@ if _backend.compiled():
         torch.library.register_kernel(f"fusedrect::{_name}", "cuda", _router(_name))
 
 
-class _DirectTrain(torch.autograd.Function):
-    """Training forward of the implementation ``ops`` (op name -> function) called outside the dispatcher."""
+def direct_function(doc, run, setup, backward):
+    """An autograd.Function for an implementation called outside the dispatcher, passed as its last input
+    ``impl``: forward ``run(impl, *args)``, ``setup(ctx, args, output, impl)``, and the op's registered
+    ``backward`` (None for ``impl``)."""
 
-    @staticmethod
-    def forward(x, weight, bias, slope, eps, ops):
-        return ops["bn_act_fwd_train"](x, weight, bias, slope, eps)
+    class Direct(torch.autograd.Function):
+        __doc__ = doc
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _train_setup(ctx, inputs[:5], output, inputs[5]["bn_act_bwd"])
+        @staticmethod
+        def forward(*args_and_impl):
+            *args, impl = args_and_impl
+            return run(impl, *args)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, *grads):
-        return *_train_backward(ctx, *grads), None
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            setup(ctx, inputs[:-1], output, inputs[-1])
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, *grads):
+            return *backward(ctx, *grads), None
+
+    return Direct
 
 
-class _DirectEval(torch.autograd.Function):
-    """Eval forward of the implementation ``ops`` called outside the dispatcher."""
-
-    @staticmethod
-    def forward(x, mean, invstd, weight, bias, slope, ops):
-        return ops["bn_act_fwd_eval"](x, mean, invstd, weight, bias, slope)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _eval_setup(ctx, inputs[:6], output, inputs[6]["bn_act_bwd"])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y):
-        return *_eval_backward(ctx, grad_y), None
+_DirectTrain = direct_function(
+    "Training forward of the implementation ``ops`` (op name -> function) called outside the dispatcher.",
+    lambda ops, *args: ops["bn_act_fwd_train"](*args),
+    lambda ctx, inputs, output, ops: _train_setup(ctx, inputs, output, ops["bn_act_bwd"]), _train_backward)
+_DirectEval = direct_function(
+    "Eval forward of the implementation ``ops`` called outside the dispatcher.",
+    lambda ops, *args: ops["bn_act_fwd_eval"](*args),
+    lambda ctx, inputs, output, ops: _eval_setup(ctx, inputs, output, ops["bn_act_bwd"]), _eval_backward)
 
 
 def _through_dispatcher(backend, x):

@@ -17,8 +17,8 @@ import torch
 
 from fusedrect import reference
 from fusedrect.ops import _backend
-from fusedrect.ops.bn_act import (_like, _needed_grads, _ops_for, _stats_like, _through_dispatcher, dispatcher_ops,
-                                  native_layout)
+from fusedrect.ops.bn_act import (_like, _needed_grads, _ops_for, _stats_like, _through_dispatcher, direct_function,
+                                  dispatcher_ops, native_layout)
 
 aten = torch.ops.aten
 
@@ -184,40 +184,14 @@ if _backend.compiled():
     torch.library.register_autograd("fusedrect::preact_conv_bwd", _no_double_backward)
 
 
-class _DirectTrain(torch.autograd.Function):
-    """Training forward of an implementation called outside the dispatcher (Triton interpreted on CPU)."""
-
-    @staticmethod
-    def forward(*args_and_impl):
-        *args, impl = args_and_impl
-        return impl.fwd_train(*args)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _train_setup(ctx, inputs[:-1], output, inputs[-1].bwd)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, *grads):
-        return *_train_backward(ctx, *grads), None
-
-
-class _DirectEval(torch.autograd.Function):
-    """Eval forward of an implementation called outside the dispatcher (Triton interpreted on CPU)."""
-
-    @staticmethod
-    def forward(*args_and_impl):
-        *args, impl = args_and_impl
-        return impl.fwd_eval(*args)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _eval_setup(ctx, inputs[:-1], output, inputs[-1].bwd)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        return *_eval_backward(ctx, grad_out), None
+_DirectTrain = direct_function(
+    "Training forward of an implementation called outside the dispatcher (Triton interpreted on CPU).",
+    lambda impl, *args: impl.fwd_train(*args),
+    lambda ctx, inputs, output, impl: _train_setup(ctx, inputs, output, impl.bwd), _train_backward)
+_DirectEval = direct_function(
+    "Eval forward of an implementation called outside the dispatcher (Triton interpreted on CPU).",
+    lambda impl, *args: impl.fwd_eval(*args),
+    lambda ctx, inputs, output, impl: _eval_setup(ctx, inputs, output, impl.bwd), _eval_backward)
 
 
 def _direct_impl(backend, x):
