@@ -9,6 +9,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
 #include <optional>
@@ -64,6 +65,12 @@ inline void check_grad_out(const at::Tensor& grad_out, const at::Tensor& like, c
               ", got ", grad_out.sizes(), " ", grad_out.scalar_type());
   TORCH_CHECK(geometry_of(grad_out, "grad_out").channels_last == geo.channels_last,
               "grad_out: expected the memory layout of ", name);
+}
+
+// `grad` in the memory layout of `x`: gradients arrive expanded, or in another layout, and the kernels walk both
+// together.
+inline at::Tensor in_layout_of(const at::Tensor& grad, const at::Tensor& x) {
+  return grad.sym_strides() == x.sym_strides() ? grad : at::empty_like(x).copy_(grad);  // symbolic under compile
 }
 
 // `p` as a contiguous tensor of `dtype` (undefined where absent), after checking it has `C` elements

@@ -16,6 +16,7 @@
 #include <optional>
 #include <tuple>
 
+#include "bn_act.h"
 #include "tiling.h"
 
 namespace fusedrect::cpu {
@@ -311,6 +312,8 @@ void dispatch(const Tensor& input, bool prelu, const F& f) {
   });
 }
 
+}  // namespace
+
 std::tuple<Tensor, Tensor, Tensor> bn_act_fwd_train(const Tensor& input, const std::optional<Tensor>& weight,
                                                     const std::optional<Tensor>& bias,
                                                     const std::optional<Tensor>& slope, double eps) {
@@ -383,6 +386,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_bwd(const Tensor& grad_out, co
   });
   return grads;
 }
+
+namespace {
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_bwd_from_output(const Tensor& grad_out, const Tensor& output,
                                                                   const Tensor& invstd,

@@ -1,6 +1,7 @@
 """The fused BatchNorm + ReLU/PReLU ops (``torch.ops.fusedrect.bn_act_*``, schemas in csrc/fusedrect.cpp):
-their fake implementations, autograd and CUDA kernel registered from Python, and the per-call entry points
-that run the resolved backend.
+their fake implementations and CUDA kernel registered from Python, and the per-call entry points that run the
+resolved backend. The forward ops' autograd is C++ (csrc/autograd.cpp: no Python per call in a training step);
+the backward ops get one here that raises on a second-order gradient.
 
 The ops are free of side effects: training forward returns ``(y, mean, invstd)`` and the caller updates
 running statistics. Backward recomputes the activation from ``x``; only ``x``, the parameters and the
@@ -11,10 +12,9 @@ C++ kernels registered by ``fusedrect._C``. CUDA: one router per op, registered 
 implementation ``_backend.cuda_implementation`` picks for the op's tensor (the Triton launchers or the CUDA
 C++ functions of ``fusedrect._C.cuda``). A backend that the dispatcher would not run for a tensor (an
 explicit ``backend=`` other than the router's pick, or Triton in its interpreter on CPU tensors) is called
-directly under an autograd.Function with the same backward.
+directly under an autograd.Function whose backward runs that backend's backward (as csrc/autograd.cpp does
+through the dispatcher).
 """
-import functools
-
 import torch
 
 from fusedrect import reference
@@ -65,7 +65,7 @@ def _cuda(name):
     return launch
 
 
-# Autograd, shared by the dispatcher ops and the direct path: `bwd` is the backward op of the same backend.
+# Autograd of the direct path: `bwd` is the backward function of the same backend.
 
 
 def _train_setup(ctx, inputs, output, bwd):
@@ -141,8 +141,6 @@ def _stats_like(x):
 
 
 if _backend.compiled():
-    OPS = torch.ops.fusedrect
-
     @torch.library.register_fake("fusedrect::bn_act_fwd_train")
     def _fwd_train_fake(input, weight, bias, slope, eps):
         return torch.empty_like(input), _stats_like(input), _stats_like(input)
@@ -159,14 +157,6 @@ if _backend.compiled():
     @torch.library.register_fake("fusedrect::bn_act_bwd_from_output")
     def _bwd_from_output_fake(grad_out, output, invstd, weight, bias, slope):
         return torch.empty_like(output), _stats_like(output), _stats_like(output), _stats_like(output)
-
-    torch.library.register_autograd(
-        "fusedrect::bn_act_fwd_train", _train_backward,
-        setup_context=functools.partial(_train_setup, bwd=OPS.bn_act_bwd),
-    )
-    torch.library.register_autograd(
-        "fusedrect::bn_act_fwd_eval", _eval_backward, setup_context=functools.partial(_eval_setup, bwd=OPS.bn_act_bwd)
-    )
 
     torch.library.register_autograd("fusedrect::bn_act_bwd", _no_double_backward)
     torch.library.register_autograd("fusedrect::bn_act_bwd_from_output", _no_double_backward)

@@ -1,8 +1,10 @@
 """The fused pre-activation convolution ops ``torch.ops.fusedrect.preact_conv_*`` (schemas in
 csrc/fusedrect.cpp): conv2d(act(BN(x))) whose activation is never stored for backward.
 
-Implementations (registered from Python for CPU and CUDA; the same code with the Triton launchers runs
-directly on CPU tensors under TRITON_INTERPRET=1):
+Implementations: on CPU the C++ kernels of csrc/cpu/preact_conv.cpp (the scratch path below); on CUDA the
+Python implementation registered here (the same code with the Triton launchers runs directly on CPU tensors
+under TRITON_INTERPRET=1). Autograd of the forward ops is C++ (csrc/autograd.cpp), that of the direct path the
+autograd.Functions below.
     forward   Triton implicit GEMM that applies BN + act in its input loader (CUDA, the cases
               fusedrect.kernels.preact_conv.applies() covers); elsewhere the fused BN + act into a scratch
               tensor, the framework's convolution (oneDNN / cuDNN), the scratch freed at once.
@@ -82,7 +84,7 @@ class _Impl:
         return (*grads, grad_conv_weight, grad_conv_bias)
 
 
-# Autograd, shared by the dispatcher ops and the direct path: ctx.bwd is the backward of the same backend.
+# Autograd of the direct path: ctx.bwd is the backward of the same backend.
 
 
 def _setup(ctx, x, mean, invstd, bn_params, conv_weight, conv_bias, conv_args, batch_stats, bwd):
@@ -140,8 +142,8 @@ def _routed_to_triton(x):
 
 @functools.cache
 def _registered():
-    """The implementation the dispatcher runs on every device: the BatchNorm + act ops through the dispatcher,
-    the Triton convolution where the ops' CUDA router picks Triton."""
+    """The implementation the dispatcher runs on CUDA: the BatchNorm + act ops through the dispatcher, the Triton
+    convolution where the ops' CUDA router picks Triton."""
     return _Impl(dispatcher_ops(), _routed_to_triton)
 
 
@@ -153,8 +155,6 @@ def _kernel(method):
 
 
 if _backend.compiled():
-    _OPS = torch.ops.fusedrect
-
     @torch.library.register_fake("fusedrect::preact_conv_fwd_train")
     def _fwd_train_fake(input, weight, bias, slope, eps, conv_weight, conv_bias, stride, padding, dilation, groups):
         out = _conv(input, conv_weight, conv_bias, stride, padding, dilation, groups)
@@ -173,14 +173,8 @@ if _backend.compiled():
         return (torch.empty_like(input), _stats_like(input), _stats_like(input), slope_grad,
                 torch.empty_like(conv_weight), conv_bias_grad)
 
-    for _device in ("cpu", "cuda"):
-        for _method in ("fwd_train", "fwd_eval", "bwd"):
-            torch.library.register_kernel(f"fusedrect::preact_conv_{_method}", _device, _kernel(_method))
-
-    torch.library.register_autograd("fusedrect::preact_conv_fwd_train", _train_backward,
-                                    setup_context=functools.partial(_train_setup, bwd=_OPS.preact_conv_bwd))
-    torch.library.register_autograd("fusedrect::preact_conv_fwd_eval", _eval_backward,
-                                    setup_context=functools.partial(_eval_setup, bwd=_OPS.preact_conv_bwd))
+    for _method in ("fwd_train", "fwd_eval", "bwd"):
+        torch.library.register_kernel(f"fusedrect::preact_conv_{_method}", "cuda", _kernel(_method))
     torch.library.register_autograd("fusedrect::preact_conv_bwd", _no_double_backward)
 
 

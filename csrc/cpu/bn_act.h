@@ -1,0 +1,26 @@
+// The CPU kernels of the BatchNorm + ReLU/PReLU ops that other CPU ops build on (the pre-activation
+// convolution, preact_conv.cpp). Signatures and semantics: the op schemas in ../fusedrect.cpp.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace fusedrect::cpu {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_fwd_train(const at::Tensor& input,
+                                                                const std::optional<at::Tensor>& weight,
+                                                                const std::optional<at::Tensor>& bias,
+                                                                const std::optional<at::Tensor>& slope, double eps);
+
+at::Tensor bn_act_fwd_eval(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
+                           const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                           const std::optional<at::Tensor>& slope);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& slope, bool batch_stats);
+
+}  // namespace fusedrect::cpu
