@@ -129,13 +129,12 @@ inline ParamVecs<T, NP> load_params(const ParamPtrs<T, NP>& p, int64_t c, int64_
   return v;
 }
 
-// A reduction walks a channels-last tile in blocks of channels, every row of the tile for one block before the
-// next, so that the block's per-channel parameters and sums stay in registers (an elementwise pass walks it row
+// A reduction walks a channels-last tile in blocks of kBlockVectors vectors of channels, every row of the tile
+// for one block before the next, so that the block's sums stay in registers (an elementwise pass walks it row
 // by row instead, its writes in address order: blocked, it measured no faster here). Calls
 // f(c, std::integral_constant<size_t, B>{}, n) for blocks of B full vectors of channels from c, then for the
 // remaining vectors one by one (B = 1), the last one with n < V lanes where C is not a multiple of V.
-template <size_t NV>
-inline constexpr size_t kBlockVectors = NV <= 6 ? 4 : (NV <= 10 ? 2 : 1);  // NV vectors of values per lane
+inline constexpr size_t kBlockVectors = 4;  // up to 3 sums each: 12 of the 32 (AVX-512) or 16 (AVX2) registers
 
 template <size_t B, int64_t V, typename F>
 inline void for_channel_blocks(const Tile& tile, const F& f) {
@@ -191,17 +190,13 @@ void reduce_tile(const Geometry& geo, const Tile& tile, const std::array<const s
     return t;
   };
   if (geo.channels_last) {
-    for_channel_blocks<kBlockVectors<NP + NI + K>, V>(tile, [&](int64_t c, auto block, int64_t n) {
+    for_channel_blocks<kBlockVectors, V>(tile, [&](int64_t c, auto block, int64_t n) {
       constexpr size_t B = decltype(block)::value;
-      std::array<ParamVecs<T, NP>, B> P;
       std::array<std::array<Vec, K>, B> sum;
-      for (size_t j = 0; j < B; ++j) {
-        P[j] = load_params(params, c + j * V, n);
-        sum[j].fill(Vec(T(0)));
-      }
+      for (size_t j = 0; j < B; ++j) sum[j].fill(Vec(T(0)));
       for (int64_t r = tile.n0; r < tile.n1; ++r) {  // each channel's rows in order, as in NCHW
-        for (size_t j = 0; j < B; ++j) {
-          const auto t = terms(P[j], r * geo.C + c + j * V, n);
+        for (size_t j = 0; j < B; ++j) {  // parameters re-read from L1 where registers run out
+          const auto t = terms(load_params(params, c + j * V, n), r * geo.C + c + j * V, n);
           for (size_t k = 0; k < K; ++k) sum[j][k] = sum[j][k] + t[k];
         }
       }
