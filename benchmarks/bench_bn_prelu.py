@@ -16,7 +16,7 @@ from torch import nn
 import fusedrect
 from fusedrect.ops import _backend
 
-from common import (DTYPES, Progress, copy_ms, finish, format_table, geometric_mean, median_ms, pyplot,
+from common import (DTYPES, Progress, copy_step, finish, format_table, geometric_mean, median_ms, pyplot,
                     saved_bytes)
 
 RESNET_STAGES = ["32x64x56x56", "32x128x28x28", "32x256x14x14", "32x512x7x7"]
@@ -107,26 +107,26 @@ def make_input(shape, layout, device, dtype):
 
 def run(args):
     records = []
-    configs = [(a, s, l) for a in args.activations for s in args.shapes for l in args.layouts]
+    configs = [(a, s, lay) for a in args.activations for s in args.shapes for lay in args.layouts]
     progress = Progress(len(configs) * len(args.modes))
     dtype = DTYPES[args.dtype]
     for activation, shape, layout in configs:
         x = make_input(shape, layout, args.device, dtype)
         grad = torch.randn_like(x)
-        baseline = copy_ms(x.detach(), args.warmup, args.iters)
         eager = eager_module(shape[1], activation, args.device, dtype)
         providers = providers_for(args, eager, activation)
         for mode in args.modes:
             progress.step(f"{activation} {mode} {'x'.join(map(str, shape))} {layout}")
+            fns = {"copy": copy_step(x.detach())}
+            fns.update({(provider, backend): step(module, mode, x, grad) for provider, backend, module in providers})
+            ms = median_ms(fns, args.device, args.warmup, args.iters)
             for provider, backend, module in providers:
-                fn = step(module, mode, x, grad)
-                ms = median_ms(fn, args.device, args.warmup, args.iters)
                 saved = 0 if mode == "eval_fwd" else saved_bytes(functools.partial(module, x))
                 records.append({
                     "op": f"bn_{activation}", "provider": provider, "backend": backend, "mode": mode,
                     "activation": activation, "shape": list(shape), "memory_format": layout,
-                    "dtype": args.dtype, "device": str(args.device), "median_ms": ms, "copy_ms": baseline,
-                    "saved_bytes": saved,
+                    "dtype": args.dtype, "device": str(args.device), "median_ms": ms[(provider, backend)],
+                    "copy_ms": ms["copy"], "saved_bytes": saved,
                 })
     return records
 

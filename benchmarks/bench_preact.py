@@ -102,17 +102,22 @@ def run_units(args, dtype, progress):
             progress.step(f"unit {kernel}x{kernel} {'x'.join(map(str, shape))}")
             x = to_layout(torch.randn(shape, device=args.device, dtype=dtype), args.layout).requires_grad_()
             grad = to_layout(torch.randn(shape, device=args.device, dtype=dtype), args.layout)
-            for provider, module in unit_providers(args, shape[1], kernel, dtype):
+            providers = unit_providers(args, shape[1], kernel, dtype)
+
+            def step(module):
                 module.train()
 
-                def step(module=module):
+                def run():
                     x.grad = None
                     module(x).backward(grad)
+                return run
 
+            ms = median_ms({p: step(m) for p, m in providers}, args.device, args.warmup, args.iters)
+            for provider, module in providers:
                 records.append({
                     "part": "unit", "provider": provider, "kernel": kernel, "shape": list(shape),
                     "activation": args.activation, "memory_format": args.layout, "dtype": args.dtype,
-                    "device": str(args.device), "median_ms": median_ms(step, args.device, args.warmup, args.iters),
+                    "device": str(args.device), "median_ms": ms[provider],
                     "saved_bytes": saved_bytes(functools.partial(module, x)),
                 })
     return records
@@ -146,8 +151,9 @@ def run_network(args, dtype, progress):
     x = to_layout(torch.randn(shape, device=args.device, dtype=dtype), args.layout)
     num_classes = 10 if args.depth in (20, 32, 44, 56, 110, 164, 1001) else 1000
     target = torch.randint(0, num_classes, (args.batch,), device=args.device)
+    progress.step(f"network preact_resnet{args.depth}, providers in turns")
+    steps = {}
     for provider, model in network_providers(args, dtype):
-        progress.step(f"network preact_resnet{args.depth} {provider}")
         model.train()
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
@@ -156,11 +162,13 @@ def run_network(args, dtype, progress):
             F.cross_entropy(model(x), target).backward()
             optimizer.step()
 
-        ms = median_ms(step, args.device, args.warmup, args.iters)
+        steps[provider] = (model, step)
+    ms = median_ms({p: step for p, (_, step) in steps.items()}, args.device, args.warmup, args.iters)
+    for provider, (model, step) in steps.items():
         records.append({
             "part": "network", "provider": provider, "depth": args.depth, "shape": list(shape),
             "activation": args.activation, "memory_format": args.layout, "dtype": args.dtype,
-            "device": str(args.device), "median_ms": ms, "images_per_s": args.batch / ms * 1e3,
+            "device": str(args.device), "median_ms": ms[provider], "images_per_s": args.batch / ms[provider] * 1e3,
             "saved_bytes": saved_bytes(functools.partial(model, x)) if provider != "compile" else None,
             "peak_bytes": peak_step_bytes(step, args.device),
         })
@@ -169,8 +177,7 @@ def run_network(args, dtype, progress):
 
 def run(args):
     dtype = DTYPES[args.dtype]
-    networks = len([p for p in NETWORK_PROVIDERS if p in args.providers]) if args.depth else 0
-    progress = Progress(len(args.units) * len(args.kernels) + networks)
+    progress = Progress(len(args.units) * len(args.kernels) + (1 if args.depth else 0))
     records = run_units(args, dtype, progress)
     if args.depth:
         records += run_network(args, dtype, progress)

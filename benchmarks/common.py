@@ -18,24 +18,30 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def median_ms(fn, device, warmup=3, iters=10):
-    """Median wall time of ``fn()`` in milliseconds over ``iters`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
+def median_ms(fns, device, warmup=3, iters=10):
+    """Median wall time in milliseconds of each ``fns[name]()`` over ``iters`` runs after ``warmup`` runs.
+
+    The functions are timed in turns, one run each per round (the order rotating from round to round), so that
+    a slow spell of a shared machine falls on all of them alike and their ratios stay fair."""
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
     synchronize(device)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    times = {name: [] for name in names}
+    for i in range(iters):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            start = time.perf_counter()
+            fns[name]()
+            synchronize(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def copy_ms(x, warmup=3, iters=10):
-    """Time of one ``dst.copy_(x)`` of the same tensor: the memory-bandwidth yardstick (1 read + 1 write)."""
+def copy_step(x):
+    """One ``dst.copy_(x)`` of the same tensor: the memory-bandwidth yardstick (1 read + 1 write)."""
     dst = torch.empty_like(x)
-    return median_ms(lambda: dst.copy_(x), x.device, warmup, iters)
+    return lambda: dst.copy_(x)
 
 
 def saved_bytes(forward):
