@@ -17,7 +17,7 @@ import fusedrect
 from fusedrect.ops import _backend
 
 from common import (DTYPES, Progress, copy_step, finish, format_table, geometric_mean, median_ms, pyplot,
-                    saved_bytes)
+                    saved_bytes, speedup_bars)
 
 RESNET_STAGES = ["32x64x56x56", "32x128x28x28", "32x256x14x14", "32x512x7x7"]
 MODES = ("train_fwd", "train_fwd_bwd", "eval_fwd")
@@ -71,7 +71,6 @@ def providers_for(args, eager, activation):
     if "eager" in args.providers:
         found.append(("eager", "", eager))
     if "compile" in args.providers:
-        torch._dynamo.reset()  # one compiled graph per configuration, never a recompile limit
         found.append(("compile", "inductor", torch.compile(copy.deepcopy(eager))))
     if "fusedrect" in args.providers:
         for backend in _backend.available(args.device):
@@ -106,26 +105,29 @@ def make_input(shape, layout, device, dtype):
 
 
 def run(args):
+    """Every provider of every activation is timed in turns with the copy, per shape, layout and mode: their
+    ratios (PReLU against ReLU included) come from the same moments of the machine."""
     records = []
-    configs = [(a, s, lay) for a in args.activations for s in args.shapes for lay in args.layouts]
+    configs = [(shape, layout) for shape in args.shapes for layout in args.layouts]
     progress = Progress(len(configs) * len(args.modes))
     dtype = DTYPES[args.dtype]
-    for activation, shape, layout in configs:
+    for shape, layout in configs:
         x = make_input(shape, layout, args.device, dtype)
         grad = torch.randn_like(x)
-        eager = eager_module(shape[1], activation, args.device, dtype)
-        providers = providers_for(args, eager, activation)
+        torch._dynamo.reset()  # compiled graphs of this configuration only, never a recompile limit
+        providers = [(activation, *p) for activation in args.activations
+                     for p in providers_for(args, eager_module(shape[1], activation, args.device, dtype), activation)]
         for mode in args.modes:
-            progress.step(f"{activation} {mode} {'x'.join(map(str, shape))} {layout}")
+            progress.step(f"{mode} {'x'.join(map(str, shape))} {layout}")
             fns = {"copy": copy_step(x.detach())}
-            fns.update({(provider, backend): step(module, mode, x, grad) for provider, backend, module in providers})
+            fns.update({(a, p, b): step(module, mode, x, grad) for a, p, b, module in providers})
             ms = median_ms(fns, args.device, args.warmup, args.iters)
-            for provider, backend, module in providers:
+            for activation, provider, backend, module in providers:
                 saved = 0 if mode == "eval_fwd" else saved_bytes(functools.partial(module, x))
                 records.append({
                     "op": f"bn_{activation}", "provider": provider, "backend": backend, "mode": mode,
                     "activation": activation, "shape": list(shape), "memory_format": layout,
-                    "dtype": args.dtype, "device": str(args.device), "median_ms": ms[(provider, backend)],
+                    "dtype": args.dtype, "device": str(args.device), "median_ms": ms[(activation, provider, backend)],
                     "copy_ms": ms["copy"], "saved_bytes": saved,
                 })
     return records
@@ -148,7 +150,7 @@ def report(records):
     headers += [f"{b} vs {other}" for _, b in fused for other in ("eager", "compile")]
     headers += [f"saved MB {p}{':' + b if p == 'fusedrect' else ''}" for p, b in names]
     rows = []
-    for (act, mode, shape, layout), results in by_config.items():
+    for (act, mode, shape, layout), results in sorted(by_config.items(), key=lambda kv: ACTIVATIONS.index(kv[0][0])):
         first = next(iter(results.values()))
         row = [act, mode, "x".join(map(str, shape)), layout, f"{first['copy_ms']:.3f}"]
         for n in names:
@@ -195,21 +197,12 @@ def plot(path, records):
                 by_config.setdefault(key(r), {})[r["provider"] + (":" + r["backend"] if r["backend"] else "")] = r
         labels = [f"{k[0]}\n{'x'.join(map(str, k[2][1:]))}\n{'CL' if k[3] == 'channels_last' else 'NCHW'}"
                   for k in by_config]
-        series = sorted({p for res in by_config.values() for p in res if p.startswith("fusedrect")})
-        width = 0.8 / max(1, 2 * len(series))
-        i = 0
-        for s in series:
-            for other in ("eager", "compile:inductor"):
-                values = [res[other]["median_ms"] / res[s]["median_ms"] if other in res and s in res else 0
-                          for res in by_config.values()]
-                ax.bar([j + i * width for j in range(len(labels))], values, width, label=f"{s} vs {other}")
-                i += 1
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_xticks([j + (i - 1) * width / 2 for j in range(len(labels))])
-        ax.set_xticklabels(labels, fontsize=7)
-        ax.set_ylabel("speedup")
-        ax.set_title(f"{mode}: fusedrect speedup ({records[0]['device']}, {records[0]['dtype']})")
-        ax.legend(fontsize=8)
+        fused = sorted({p for res in by_config.values() for p in res if p.startswith("fusedrect")})
+        series = [(f"{s} vs {other}", [res[other]["median_ms"] / res[s]["median_ms"] if other in res and s in res
+                                       else 0 for res in by_config.values()])
+                  for s in fused for other in ("eager", "compile:inductor")]
+        speedup_bars(ax, labels, series,
+                     f"{mode}: fusedrect speedup ({records[0]['device']}, {records[0]['dtype']})")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

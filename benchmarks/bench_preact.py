@@ -26,7 +26,7 @@ import fusedrect
 from fusedrect.resnet import preact_resnet
 
 from common import (DTYPES, Progress, finish, format_table, geometric_mean, median_ms, pyplot, saved_bytes,
-                    synchronize)
+                    speedup_bars, synchronize)
 
 DEFAULTS = {  # per device: unit shapes, network depth, batch and image size
     "cpu": {"units": "8x64x56x56,8x128x28x28,8x256x14x14,8x512x7x7", "depth": 20, "batch": 32, "image": 32},
@@ -243,16 +243,11 @@ def plot(path, records):
         units.setdefault(key, {})[r["provider"]] = r["median_ms"]
     others = [p for p in ("eager", "compile", "split") if any(p in v for v in units.values())]
     fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(units)), 4))
-    width = 0.8 / max(1, len(others))
-    for i, other in enumerate(others):
-        values = [res[other] / res["fusedrect"] if other in res and "fusedrect" in res else 0 for res in units.values()]
-        ax.bar([j + i * width for j in range(len(units))], values, width, label=f"fusedrect vs {other}")
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks([j + (len(others) - 1) * width / 2 for j in range(len(units))])
-    ax.set_xticklabels(list(units), fontsize=7)
-    ax.set_ylabel("speedup (training)")
-    ax.set_title(f"Pre-activation units and network ({records[0]['device']}, {records[0]['dtype']})")
-    ax.legend(fontsize=8)
+    series = [(f"fusedrect vs {other}", [res[other] / res["fusedrect"] if other in res and "fusedrect" in res
+                                         else 0 for res in units.values()]) for other in others]
+    speedup_bars(ax, list(units), series,
+                 f"Pre-activation units and network ({records[0]['device']}, {records[0]['dtype']})",
+                 "speedup (training)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

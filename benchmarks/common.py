@@ -130,6 +130,20 @@ def pyplot():
     return plt
 
 
+def speedup_bars(ax, labels, series, title, ylabel="speedup"):
+    """Grouped bars on ``ax``: one group per label, one bar per ``(name, values)`` of ``series`` (values in the
+    order of the labels), and the line at 1.0."""
+    width = 0.8 / max(1, len(series))
+    for i, (name, values) in enumerate(series):
+        ax.bar([j + i * width for j in range(len(labels))], values, width, label=name)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([j + (len(series) - 1) * width / 2 for j in range(len(labels))])
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+
+
 def finish(args, records, report, plot):
     """The table on stdout, then the JSON and the chart where --json / --plot ask for them."""
     print(report(records))

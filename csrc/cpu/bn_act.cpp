@@ -312,13 +312,26 @@ void dispatch(const Tensor& input, bool prelu, const F& f) {
   });
 }
 
+// The geometry of `input` after the checks every op opens with (those of `grad_out` too, where given).
+Geometry checked_geometry(const Tensor& input, const char* name, const Tensor* grad_out = nullptr) {
+  check_floating(input, name);
+  const Geometry geo = geometry_of(input, name);
+  if (grad_out != nullptr) check_grad_out(*grad_out, input, name, geo);
+  return geo;
+}
+
+// The reduce half's sums over an empty batch: (sum_dz, sum_dz_xhat, grad_slope), all zero.
+std::tuple<Tensor, Tensor, Tensor> zero_sums(const ChannelArgs& args, int64_t C) {
+  const auto options = args.invstd.options();
+  return {at::zeros({C}, options), at::zeros({C}, options), at::zeros({args.slope.defined() ? C : 0}, options)};
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor> bn_act_fwd_train(const Tensor& input, const std::optional<Tensor>& weight,
                                                     const std::optional<Tensor>& bias,
                                                     const std::optional<Tensor>& slope, double eps) {
-  check_floating(input, "input");
-  const Geometry geo = geometry_of(input, "input");
+  const Geometry geo = checked_geometry(input, "input");
   const auto sdtype = stats_dtype(input);
   const int64_t C = geo.C;
   ChannelArgs args(C, sdtype, std::nullopt, std::nullopt, weight, bias, slope);
@@ -348,8 +361,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_fwd_train(const Tensor& input, const s
 Tensor bn_act_fwd_eval(const Tensor& input, const Tensor& mean, const Tensor& invstd,
                        const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
                        const std::optional<Tensor>& slope) {
-  check_floating(input, "input");
-  const Geometry geo = geometry_of(input, "input");
+  const Geometry geo = checked_geometry(input, "input");
   const int64_t C = geo.C;
   const ChannelArgs args(C, stats_dtype(input), mean, invstd, weight, bias, slope);
   Tensor out = at::empty_like(input);
@@ -368,15 +380,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_bwd(const Tensor& grad_out, co
                                                       const std::optional<Tensor>& weight,
                                                       const std::optional<Tensor>& bias,
                                                       const std::optional<Tensor>& slope, bool batch_stats) {
-  check_floating(input, "input");
-  const Geometry geo = geometry_of(input, "input");
-  check_grad_out(grad_out, input, "input", geo);
+  const Geometry geo = checked_geometry(input, "input", &grad_out);
   const int64_t C = geo.C;
   const ChannelArgs args(C, stats_dtype(input), mean, invstd, weight, bias, slope);
   if (geo.per_channel() == 0) {
-    const auto options = args.mean.options();
-    return {at::empty_like(input), at::zeros({C}, options), at::zeros({C}, options),
-            at::zeros({args.slope.defined() ? C : 0}, options)};
+    const auto [sum_dz, sum_dz_xhat, grad_slope] = zero_sums(args, C);
+    return {at::empty_like(input), sum_dz_xhat, sum_dz, grad_slope};
   }
   std::tuple<Tensor, Tensor, Tensor, Tensor> grads;
   dispatch(input, args.slope.defined(), [&](auto scalar, auto prelu) {
@@ -394,15 +403,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_bwd_from_output(const Tensor& 
                                                                   const std::optional<Tensor>& weight,
                                                                   const std::optional<Tensor>& bias,
                                                                   const Tensor& slope) {
-  check_floating(output, "output");
-  const Geometry geo = geometry_of(output, "output");
-  check_grad_out(grad_out, output, "output", geo);
+  const Geometry geo = checked_geometry(output, "output", &grad_out);
   const int64_t C = geo.C;
   ChannelArgs args(C, stats_dtype(output), std::nullopt, invstd, weight, bias, slope);
   args.mean = at::zeros({C}, args.invstd.options());  // unused: x - mean is recovered from the output
   if (geo.per_channel() == 0) {
-    const auto options = args.invstd.options();
-    return {at::empty_like(output), at::zeros({C}, options), at::zeros({C}, options), at::zeros({C}, options)};
+    const auto [sum_dz, sum_dz_xhat, grad_slope] = zero_sums(args, C);
+    return {at::empty_like(output), sum_dz_xhat, sum_dz, grad_slope};
   }
   std::tuple<Tensor, Tensor, Tensor, Tensor> grads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, output.scalar_type(), "bn_act_bwd_from_output", [&] {
@@ -414,8 +421,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_bwd_from_output(const Tensor& 
 
 // The statistics half of bn_act_fwd_train (for SyncBN, which merges them over ranks): (mean, biased var).
 std::tuple<Tensor, Tensor> bn_stats(const Tensor& input) {
-  check_floating(input, "input");
-  const Geometry geo = geometry_of(input, "input");
+  const Geometry geo = checked_geometry(input, "input");
   const auto options = input.options().dtype(stats_dtype(input));
   if (geo.per_channel() == 0) return {at::zeros({geo.C}, options), at::zeros({geo.C}, options)};
   Tensor mean = at::empty({geo.C}, options);
@@ -438,15 +444,10 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_bwd_reduce(const Tensor& grad_out, con
                                                      const std::optional<Tensor>& weight,
                                                      const std::optional<Tensor>& bias,
                                                      const std::optional<Tensor>& slope) {
-  check_floating(input, "input");
-  const Geometry geo = geometry_of(input, "input");
-  check_grad_out(grad_out, input, "input", geo);
+  const Geometry geo = checked_geometry(input, "input", &grad_out);
   const int64_t C = geo.C;
   const ChannelArgs args(C, stats_dtype(input), mean, invstd, weight, bias, slope);
-  if (geo.per_channel() == 0) {
-    const auto options = args.mean.options();
-    return {at::zeros({C}, options), at::zeros({C}, options), at::zeros({args.slope.defined() ? C : 0}, options)};
-  }
+  if (geo.per_channel() == 0) return zero_sums(args, C);
   std::tuple<Tensor, Tensor, Tensor> sums;
   dispatch(input, args.slope.defined(), [&](auto scalar, auto prelu) {
     using scalar_t = decltype(scalar);
@@ -461,9 +462,7 @@ Tensor bn_act_bwd_elemt(const Tensor& grad_out, const Tensor& input, const Tenso
                         const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
                         const std::optional<Tensor>& slope, const Tensor& sum_dz, const Tensor& sum_dz_xhat,
                         int64_t count) {
-  check_floating(input, "input");
-  const Geometry geo = geometry_of(input, "input");
-  check_grad_out(grad_out, input, "input", geo);
+  const Geometry geo = checked_geometry(input, "input", &grad_out);
   const int64_t C = geo.C;
   const auto sdtype = stats_dtype(input);
   const ChannelArgs args(C, sdtype, mean, invstd, weight, bias, slope);
