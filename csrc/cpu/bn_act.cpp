@@ -258,10 +258,11 @@ void dx_coefficients(ChannelTable<T>& table, int64_t C, const Tensor& invstd, co
 }
 
 // The elementwise half of backward: dx = A * dz + B * (x - mean) + D with the table's coefficients
-// (dx_coefficients), in the input's dtype and layout.
+// (dx_coefficients), in the input's dtype and layout; written into `dx_out` where defined (it may be grad_out
+// itself: each element is read before it is written), else into a new tensor.
 template <typename scalar_t, bool kPReLU, bool kFromOutput = false>
 Tensor grad_input(const Geometry& geo, const Tensor& grad_out, const Tensor& input,
-                  const ChannelTable<opmath_t<scalar_t>>& table) {
+                  const ChannelTable<opmath_t<scalar_t>>& table, const Tensor& dx_out = Tensor()) {
   using T = opmath_t<scalar_t>;
   using Vec = MathVec<scalar_t>;
   const auto zparams = z_params<kPReLU, kFromOutput>(table);
@@ -273,7 +274,7 @@ Tensor grad_input(const Geometry& geo, const Tensor& grad_out, const Tensor& inp
   if constexpr (kPReLU) dparams[6] = table.row(kSlope);
   const scalar_t* x = input.const_data_ptr<scalar_t>();
   const scalar_t* dy = grad_out.const_data_ptr<scalar_t>();
-  Tensor grad = at::empty_like(input);
+  Tensor grad = dx_out.defined() ? dx_out : at::empty_like(input);
   scalar_t* dx = grad.mutable_data_ptr<scalar_t>();
   parallel_for_tiles(geo, tiling_of(geo), [&](const Tile& tile) {
     map_tile<scalar_t>(geo, tile, std::array<const scalar_t*, 2>{x, dy}, dparams, dx,
@@ -287,16 +288,18 @@ Tensor grad_input(const Geometry& geo, const Tensor& grad_out, const Tensor& inp
 }
 
 // Whole backward, the two halves in a row: (grad_input, grad_weight, grad_bias, grad_slope), per-channel
-// gradients of dtype T. batch_stats: mean and invstd were computed from this input's M elements.
+// gradients of dtype T. batch_stats: mean and invstd were computed from this input's M elements. dx_out: as
+// in grad_input.
 template <typename scalar_t, bool kPReLU, bool kFromOutput = false>
 std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Geometry& geo, const Tensor& grad_out,
                                                     const Tensor& input, const Tensor& invstd,
-                                                    ChannelTable<opmath_t<scalar_t>>& table, bool batch_stats) {
+                                                    ChannelTable<opmath_t<scalar_t>>& table, bool batch_stats,
+                                                    const Tensor& dx_out = Tensor()) {
   auto [sum_dz, sum_dz_xhat, grad_slope] =
       backward_sums<scalar_t, kPReLU, kFromOutput>(geo, grad_out, input, invstd, table);
   dx_coefficients(table, geo.C, invstd, batch_stats ? sum_dz : Tensor(), batch_stats ? sum_dz_xhat : Tensor(),
                   geo.per_channel());
-  Tensor dx = grad_input<scalar_t, kPReLU, kFromOutput>(geo, grad_out, input, table);
+  Tensor dx = grad_input<scalar_t, kPReLU, kFromOutput>(geo, grad_out, input, table, dx_out);
   return {dx, sum_dz_xhat, sum_dz, grad_slope};
 }
 
@@ -375,12 +378,13 @@ Tensor bn_act_fwd_eval(const Tensor& input, const Tensor& mean, const Tensor& in
   return out;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_bwd(const Tensor& grad_out, const Tensor& input,
-                                                      const Tensor& mean, const Tensor& invstd,
-                                                      const std::optional<Tensor>& weight,
-                                                      const std::optional<Tensor>& bias,
-                                                      const std::optional<Tensor>& slope, bool batch_stats) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_bwd_into(const Tensor& dx_out, const Tensor& grad_out,
+                                                           const Tensor& input, const Tensor& mean,
+                                                           const Tensor& invstd, const std::optional<Tensor>& weight,
+                                                           const std::optional<Tensor>& bias,
+                                                           const std::optional<Tensor>& slope, bool batch_stats) {
   const Geometry geo = checked_geometry(input, "input", &grad_out);
+  if (dx_out.defined()) check_grad_out(dx_out, input, "input", geo);
   const int64_t C = geo.C;
   const ChannelArgs args(C, stats_dtype(input), mean, invstd, weight, bias, slope);
   if (geo.per_channel() == 0) {
@@ -391,9 +395,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_bwd(const Tensor& grad_out, co
   dispatch(input, args.slope.defined(), [&](auto scalar, auto prelu) {
     using scalar_t = decltype(scalar);
     ChannelTable<opmath_t<scalar_t>> table(C, args);
-    grads = backward<scalar_t, decltype(prelu)::value>(geo, grad_out, input, args.invstd, table, batch_stats);
+    grads = backward<scalar_t, decltype(prelu)::value>(geo, grad_out, input, args.invstd, table, batch_stats,
+                                                       dx_out);
   });
   return grads;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_bwd(const Tensor& grad_out, const Tensor& input,
+                                                      const Tensor& mean, const Tensor& invstd,
+                                                      const std::optional<Tensor>& weight,
+                                                      const std::optional<Tensor>& bias,
+                                                      const std::optional<Tensor>& slope, bool batch_stats) {
+  return bn_act_bwd_into(Tensor(), grad_out, input, mean, invstd, weight, bias, slope, batch_stats);
 }
 
 namespace {

@@ -1,7 +1,8 @@
 // CPU implementation of the pre-activation convolution ops conv2d(act(BN(x))) (schemas in ../fusedrect.cpp):
 // the fused BatchNorm + act kernel into a scratch tensor, the framework's convolution (oneDNN), the scratch
 // freed at once. Backward recomputes the activation into a scratch for the convolution's backward (input and
-// weight gradients), frees it, then runs the fused BatchNorm + act backward on the input gradient.
+// weight gradients), frees it, then runs the fused BatchNorm + act backward on the activation's gradient,
+// writing dx over it (no further input-sized allocation).
 #include <ATen/Functions.h>
 #include <torch/library.h>
 
@@ -48,8 +49,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> preact_conv_bwd(
         {true, true, false});
   }
   Tensor grad_conv_bias = has_conv_bias ? grad_out.sum({0, 2, 3}) : grad_out.new_empty({0});
+  grad_a = in_layout_of(grad_a, input);  // a scratch of ours: dx is written over it
   auto [dx, dweight, dbias, dslope] =
-      bn_act_bwd(in_layout_of(grad_a, input), input, mean, invstd, weight, bias, slope, batch_stats);
+      bn_act_bwd_into(grad_a, grad_a, input, mean, invstd, weight, bias, slope, batch_stats);
   return {dx, dweight, dbias, dslope, in_layout_of(grad_conv_weight, conv_weight), grad_conv_bias};
 }
 
