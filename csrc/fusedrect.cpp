@@ -43,6 +43,14 @@ TORCH_LIBRARY(fusedrect, m) {
   m.def("bn_act_bwd_elemt(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight,"
         " Tensor? bias, Tensor? slope, Tensor sum_dz, Tensor sum_dz_xhat, int count) -> Tensor");
 
+  // nn.BatchNorm's running-statistics update after a training forward over `count` elements per channel:
+  // running += momentum * (batch - running) with batch = mean and the unbiased variance
+  // count / (count - 1) * (1 / invstd^2 - eps); either buffer may be absent; count 0 changes nothing.
+  // momentum_tensor, where given (one element: the modules' cumulative average, kept on the device), is used
+  // instead of momentum.
+  m.def("bn_update_running_stats(Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor mean, Tensor invstd,"
+        " float eps, int count, float momentum, Tensor? momentum_tensor) -> ()");
+
   // Pre-activation convolution conv2d(act(BN(x)), conv_weight, conv_bias) (He et al. 2016, "Identity Mappings
   // in Deep Residual Networks"): the activation is never stored. Training forward returns (out, mean, invstd).
   m.def("preact_conv_fwd_train(Tensor input, Tensor? weight, Tensor? bias, Tensor? slope, float eps,"

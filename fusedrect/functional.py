@@ -140,20 +140,13 @@ def _update_running_stats(count, running_mean, running_var, mean, invstd, moment
     """running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance M/(M-1) var of the
     batch's ``count`` elements per channel. An empty batch leaves them as they are (as nn.BatchNorm does).
     ``momentum`` may be a 0-dim tensor (the modules' cumulative average), which keeps the update free of host
-    synchronisation under torch.compile."""
-    if count == 0:
-        return
-    with torch.no_grad():
-        running, batch = [], []  # the buffers given, and their batch values
-        if running_mean is not None:
-            running.append(running_mean)
-            batch.append(mean.to(running_mean.dtype))
-        if running_var is not None:
-            var = invstd.pow(-2).sub_(eps).clamp_min_(0).mul_(count / (count - 1))
-            running.append(running_var)
-            batch.append(var.to(running_var.dtype))
-        for r, b in zip(running, batch):
-            r.lerp_(b, momentum.to(r.dtype) if isinstance(momentum, torch.Tensor) else momentum)
+    synchronisation under torch.compile. One op of the extension where it is built, else the reference."""
+    if not _backend.compiled():
+        reference.update_running_stats(running_mean, running_var, mean, invstd, eps, count, momentum)
+    elif count and (running_mean is not None or running_var is not None):
+        tensor = momentum if isinstance(momentum, torch.Tensor) else None
+        torch.ops.fusedrect.bn_update_running_stats(running_mean, running_var, mean, invstd, eps, count,
+                                                    0.0 if tensor is not None else float(momentum), tensor)
 
 
 def _check_invertible(weight, slope, eps):

@@ -90,3 +90,22 @@ def bn_act_bwd_elemt(grad_out, x, mean, invstd, weight, bias, slope, sum_dz, sum
     dx = _per_channel(scale, x) * (dz - _per_channel(sum_dz.to(dtype) / count, x)
                                    - xhat * _per_channel(sum_dz_xhat.to(dtype) / count, x))
     return dx.to(x.dtype)
+
+
+def update_running_stats(running_mean, running_var, mean, invstd, eps, count, momentum):
+    """nn.BatchNorm's running-statistics update after a training forward over ``count`` elements per channel:
+    running += momentum * (batch - running), with batch = ``mean`` and the unbiased variance
+    count / (count - 1) * (1 / invstd^2 - eps). ``momentum``: a number or a one-element tensor; either buffer
+    may be None; an empty batch (count 0) changes nothing."""
+    if count == 0:
+        return
+    with torch.no_grad():
+        if running_mean is not None:
+            running_mean.lerp_(mean.to(running_mean.dtype), _weight(momentum, running_mean))
+        if running_var is not None:
+            var = invstd.pow(-2).sub_(eps).clamp_min_(0).mul_(count / (count - 1))
+            running_var.lerp_(var.to(running_var.dtype), _weight(momentum, running_var))
+
+
+def _weight(momentum, like):
+    return momentum.to(like.dtype).reshape(()) if isinstance(momentum, torch.Tensor) else momentum

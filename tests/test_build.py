@@ -52,6 +52,7 @@ def test_missing_extension_falls_back_to_reference_with_one_warning():
         expected = torch.nn.functional.prelu(torch.nn.functional.batch_norm(x, None, None, training=True),
                                              torch.full((3,), 0.25))
         torch.testing.assert_close(y, expected)
+        torch.testing.assert_close(layer.running_mean, 0.19 * x.mean((0, 2, 3)))  # two updates, momentum 0.1
         messages = [str(w.message) for w in caught]
         assert len(messages) == 1 and "reference backend" in messages[0], messages
         assert fusedrect.build_info()["compiled"] is False

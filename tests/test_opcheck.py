@@ -48,3 +48,48 @@ def test_opcheck_sync_bn_halves(x, params):
     count = 2 * (x.numel() // x.shape[1])
     torch.library.opcheck(torch.ops.fusedrect.bn_act_bwd_elemt.default,
                           (grad_out, x, mean, invstd, *params, sum_dz, sum_dz_xhat, count))
+
+
+def running_stats_samples():
+    for buffers in ("both", "mean", "var"):
+        for buffer_dtype in (torch.float32, torch.float64):
+            for stats_dtype in (torch.float32, torch.float64):
+                for momentum in (0.1, "tensor"):
+                    yield pytest.param(buffers, buffer_dtype, stats_dtype, momentum,
+                                       id=f"{buffers}-{buffer_dtype}-{stats_dtype}-{momentum}")
+
+
+@pytest.mark.parametrize("buffers, buffer_dtype, stats_dtype, momentum", list(running_stats_samples()))
+def test_update_running_stats(buffers, buffer_dtype, stats_dtype, momentum):
+    """The running-statistics op mutates exactly its buffers, as reference.update_running_stats does."""
+    C, count, eps = 5, 12, 1e-5
+    mean = torch.randn(C, dtype=stats_dtype)
+    invstd = torch.rand(C, dtype=stats_dtype) + 0.5
+    factor = torch.tensor(1 / 3) if momentum == "tensor" else momentum
+
+    def fresh():
+        return (torch.randn(C, dtype=buffer_dtype) if buffers != "var" else None,
+                torch.rand(C, dtype=buffer_dtype) + 1 if buffers != "mean" else None)
+
+    torch.manual_seed(0)
+    ours = fresh()
+    torch.manual_seed(0)
+    expected = fresh()
+    op = torch.ops.fusedrect.bn_update_running_stats
+    op(*ours, mean, invstd, eps, count, 0.0 if momentum == "tensor" else momentum,
+       factor if momentum == "tensor" else None)
+    reference.update_running_stats(*expected, mean, invstd, eps, count, factor)
+    for a, b in zip(ours, expected):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.manual_seed(0)
+    torch.library.opcheck(op.default, (*fresh(), mean, invstd, eps, count, 0.1, None))
+    torch.library.opcheck(op.default, (*fresh(), mean, invstd, eps, count, 0.0, torch.tensor(0.5)))
+
+
+def test_update_running_stats_empty_batch_changes_nothing():
+    running_mean, running_var = torch.randn(3), torch.rand(3) + 1
+    before = (running_mean.clone(), running_var.clone())
+    torch.ops.fusedrect.bn_update_running_stats(running_mean, running_var, torch.randn(3), torch.rand(3), 1e-5, 0,
+                                                0.1, None)
+    torch.testing.assert_close((running_mean, running_var), before, rtol=0, atol=0)
