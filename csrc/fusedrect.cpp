@@ -1,9 +1,11 @@
 // The op schemas of fusedrect (the only place with m.def) and the Python module fusedrect._C.
-// The CPU implementations register per op with the dispatcher (csrc/cpu/*.cpp). The CUDA kernel of every op is
-// a Python router (fusedrect/ops/bn_act.py) that runs the Triton launchers or the CUDA C++ functions of
-// csrc/cuda, which this module exposes as fusedrect._C.cuda.<op name> (same signature as the op; present only
-// in a build with CUDA). Fake (meta) implementations and autograd are registered in Python, next to each op
-// (fusedrect/ops/).
+// The CPU implementations register per op with the dispatcher (csrc/cpu/*.cpp). The CUDA kernel of every
+// BatchNorm op is a Python router (fusedrect/ops/bn_act.py) that runs the Triton launchers or the CUDA C++
+// functions of csrc/cuda, which this module exposes as fusedrect._C.cuda.<op name> (same signature as the op;
+// present only in a build with CUDA); that of the pre-activation convolution ops is fusedrect/ops/preact_conv.py.
+// The forward ops' autograd is C++ (autograd.cpp), the running-statistics update a composite of ATen ops
+// (running_stats.cpp); fake (meta) implementations, and the backward ops' autograd (which raises on a second
+// order gradient), are registered in Python next to each op (fusedrect/ops/).
 //
 // Activation: a `slope` (shape (1,) or (C,)) makes the op BatchNorm + PReLU; no slope makes it
 // BatchNorm + ReLU. Statistics (mean, invstd) and per-channel gradients are fp64 for fp64 input and fp32

@@ -10,6 +10,7 @@
 // Every pass walks the tiles of tiling.h; reductions write per-tile partials merged in a fixed order.
 #include <ATen/Dispatch.h>
 #include <ATen/Functions.h>
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -384,7 +385,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_bwd_into(const Tensor& dx_out,
                                                            const std::optional<Tensor>& bias,
                                                            const std::optional<Tensor>& slope, bool batch_stats) {
   const Geometry geo = checked_geometry(input, "input", &grad_out);
-  if (dx_out.defined()) check_grad_out(dx_out, input, "input", geo);
+  if (dx_out.defined()) {  // grad_out itself (read before written, element by element) or no overlap at all
+    check_grad_out(dx_out, input, "input", geo);
+    at::assert_no_partial_overlap(dx_out, grad_out);
+    at::assert_no_overlap(dx_out, input);
+  }
   const int64_t C = geo.C;
   const ChannelArgs args(C, stats_dtype(input), mean, invstd, weight, bias, slope);
   if (geo.per_channel() == 0) {

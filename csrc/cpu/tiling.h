@@ -1,8 +1,9 @@
 // How a BatchNorm input is walked on the CPU.
 //
 // The input is viewed as (N, C, S) in one of two native layouts (NCHW or channels-last, ../bn_act_args.h).
-// Work is cut into tiles of ~kTileElems elements, each a block of memory walked in address order (so the
-// hardware prefetcher streams it), small enough to stay in L2 so a tile can be read twice cheaply:
+// Work is cut into tiles of ~kTileElems elements, each a block of memory (walked in address order, so the
+// hardware prefetcher streams it, except by channels-last reductions: for_channel_blocks), small enough to stay
+// in L2 so a tile can be read twice cheaply:
 //   NCHW           samples [n0, n1) x channels [c0, c1) x positions [s0, s1): whole planes when C * S is
 //                  small, runs of whole channels when S is small, a piece of one run when S is large;
 //   channels-last  rows [r0, r1) x channels [c0, c1).
@@ -134,7 +135,21 @@ inline ParamVecs<T, NP> load_params(const ParamPtrs<T, NP>& p, int64_t c, int64_
 // by row instead, its writes in address order: blocked, it measured slower here). Calls
 // f(c, std::integral_constant<size_t, B>{}, n) for blocks of B full vectors of channels from c, then for the
 // remaining vectors one by one (B = 1), the last one with n < V lanes where C is not a multiple of V.
-inline constexpr size_t kBlockVectors = 4;  // up to 3 sums each: 12 of the 32 (AVX-512) or 16 (AVX2) registers
+// Up to 3 sums per vector: 12 of AVX-512's 32 registers with 4 vectors, 6 of AVX2's 16 with 2.
+#ifdef CPU_CAPABILITY_AVX512
+inline constexpr size_t kBlockVectors = 4;
+#else
+inline constexpr size_t kBlockVectors = 2;
+#endif
+
+// Calls f(std::integral_constant<size_t, B>{}) with B = n, for 1 <= n <= kMax.
+template <size_t kMax, typename F>
+inline void with_vector_count(int64_t n, const F& f) {
+  if constexpr (kMax > 1) {
+    if (n < int64_t(kMax)) return with_vector_count<kMax - 1>(n, f);
+  }
+  f(std::integral_constant<size_t, kMax>{});
+}
 
 template <size_t B, int64_t V, typename F>
 inline void for_channel_blocks(const Tile& tile, const F& f) {
@@ -158,8 +173,9 @@ void map_tile(const Geometry& geo, const Tile& tile, const std::array<const scal
   };
   const int64_t row_vectors = ceil_div(tile.c1 - tile.c0, V);
   if (geo.channels_last && row_vectors <= int64_t(kBlockVectors)) {
-    // Row by row (writes in address order), a row's parameters held in registers across rows.
-    auto rows = [&](auto vectors) {
+    // Row by row (writes in address order), a row's parameters loaded once for all rows (in registers where
+    // they fit: up to 7 per vector).
+    with_vector_count<kBlockVectors>(row_vectors, [&](auto vectors) {
       constexpr size_t B = decltype(vectors)::value;
       const int64_t last = tile.c1 - tile.c0 - int64_t(B - 1) * V;  // lanes of the last vector
       std::array<ParamVecs<opmath_t<scalar_t>, NP>, B> P;
@@ -167,14 +183,7 @@ void map_tile(const Geometry& geo, const Tile& tile, const std::array<const scal
       for (int64_t r = tile.n0; r < tile.n1; ++r) {
         for (size_t j = 0; j < B; ++j) step(P[j], r * geo.C + tile.c0 + j * V, j + 1 < B ? V : last);
       }
-    };
-    static_assert(kBlockVectors == 4);
-    switch (row_vectors) {
-      case 1: rows(std::integral_constant<size_t, 1>{}); break;
-      case 2: rows(std::integral_constant<size_t, 2>{}); break;
-      case 3: rows(std::integral_constant<size_t, 3>{}); break;
-      default: rows(std::integral_constant<size_t, 4>{}); break;
-    }
+    });
   } else if (geo.channels_last) {  // row by row, the parameters re-read for every vector
     for (int64_t r = tile.n0; r < tile.n1; ++r) {
       for (int64_t c = tile.c0; c < tile.c1; c += V) {
