@@ -86,8 +86,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_backward(AutogradContext* ctx, con
   static const auto bwd = op<BnBwdSig>("fusedrect::bn_act_bwd");
   const variable_list s = ctx->get_saved_variables();
   const BackwardDispatch dispatch;
-  const auto grads = bwd.call(in_layout_of(grad_y, s[0]), s[0], s[1], s[2], optional(s[3]), optional(s[4]), optional(s[5]),
-                              ctx->saved_data["batch_stats"].toBool());
+  const auto grads = bwd.call(in_layout_of(grad_y, s[0]), s[0], s[1], s[2], optional(s[3]), optional(s[4]),
+                              optional(s[5]), ctx->saved_data["batch_stats"].toBool());
   const auto g = bn_grads(s, grads);
   return {g[0], g[1], g[2], g[3]};
 }
