@@ -216,3 +216,11 @@ def test_double_backward_raises_instead_of_returning_zeros():
     (grad,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
     with pytest.raises(NotImplementedError, match="second-order gradients"):
         grad.sum().backward()
+
+
+def test_autograd_nodes_are_cpp():
+    """The training graph holds the C++ autograd nodes of csrc/autograd.cpp: no Python runs per layer in backward."""
+    x = torch.randn(4, 3, 6, 6, requires_grad=True)
+    assert "BnActTrain" in fusedrect.FusedBNPReLU(3)(x).grad_fn.name()
+    assert "BnActEval" in fusedrect.FusedBNReLU(3).eval()(x).grad_fn.name()
+    assert "PreActConvTrain" in fusedrect.FusedPreActConv2d(3, 2, 3, padding=1)(x).grad_fn.name()
