@@ -64,6 +64,15 @@ def fused_call(x, running_mean, running_var, weight, bias, slope, training, back
     )
 
 
+def fused_forward_backward(x, params, grad, training, backend, running=(None, None)):
+    """fused_call on fresh leaves of x and params (weight, bias, slope; None where absent) with the running
+    statistics ``running``, then backward of ``grad``: [y, the gradient of every leaf]."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, *params)]
+    y = fused_call(leaves[0], *running, *leaves[1:], training, backend)
+    y.backward(grad)
+    return [y, *(t.grad for t in leaves if t is not None)]
+
+
 def torch_modules(channels, rank, activation, **bn_kwargs):
     """The unfused PyTorch pair that the fused modules replace."""
     bn = BATCHNORM[rank](channels, **bn_kwargs)

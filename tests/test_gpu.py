@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import fusedrect
-from conftest import ACTIVATIONS, LAYOUTS, fused_call, fused_module, make_input, make_params, torch_modules
+from conftest import (ACTIVATIONS, LAYOUTS, fused_call, fused_forward_backward, fused_module, make_input,
+                      make_params, torch_modules)
 from fusedrect import reference
 from fusedrect.ops import _backend
 
@@ -35,12 +36,9 @@ SHAPES = [(32, 64, 56, 56), (8, 3, 7, 7), (4, 33, 1, 1), (64, 1000), (2, 17, 3, 
 
 
 def run(x, params, grad, training, backend):
-    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, *params)]
     running = (None, None) if training else (torch.zeros(x.shape[1], device=x.device),
                                              torch.ones(x.shape[1], device=x.device))
-    y = fused_call(leaves[0], *running, *leaves[1:], training, backend)
-    y.backward(grad)
-    return [y, *(t.grad for t in leaves if t is not None)]
+    return fused_forward_backward(x, params, grad, training, backend, running)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

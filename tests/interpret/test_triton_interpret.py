@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import fusedrect
-from conftest import ACTIVATIONS, LAYOUTS, fused_call, fused_module, make_input, make_params, torch_modules
+from conftest import (ACTIVATIONS, LAYOUTS, fused_call, fused_forward_backward, fused_module, make_input,
+                      make_params, torch_modules)
 from fusedrect import reference
 from fusedrect.ops import sync_bn
 
@@ -19,16 +20,11 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-2}
 
 
 def forward_backward(x, params, grad, training, backend):
-    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, *params)]
-    stats = None if training else (reference.batch_stats(x.detach().double() * 0.5 + 0.25, 1e-5))
-    if training:
-        y = fused_call(leaves[0], None, None, *leaves[1:], True, backend)
-    else:
-        mean, invstd = stats
-        var = invstd.pow(-2) - 1e-5
-        y = fused_call(leaves[0], mean.to(x.dtype), var.to(x.dtype), *leaves[1:], False, backend)
-    y.backward(grad)
-    return [y, *(t.grad for t in leaves if t is not None)]
+    running = (None, None)
+    if not training:
+        mean, invstd = reference.batch_stats(x.detach().double() * 0.5 + 0.25, 1e-5)
+        running = (mean.to(x.dtype), (invstd.pow(-2) - 1e-5).to(x.dtype))
+    return fused_forward_backward(x, params, grad, training, backend, running)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
