@@ -12,6 +12,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <array>
 #include <optional>
 #include <tuple>
 
@@ -82,14 +83,14 @@ std::array<Tensor, 4> bn_grads(const variable_list& saved, const Grads& grads) {
           param_grad(std::get<3>(grads), saved[5])};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> bn_backward(AutogradContext* ctx, const Tensor& grad_y) {
+// Gradients of (x, weight, bias, slope).
+std::array<Tensor, 4> bn_backward(AutogradContext* ctx, const Tensor& grad_y) {
   static const auto bwd = op<BnBwdSig>("fusedrect::bn_act_bwd");
   const variable_list s = ctx->get_saved_variables();
   const BackwardDispatch dispatch;
   const auto grads = bwd.call(in_layout_of(grad_y, s[0]), s[0], s[1], s[2], optional(s[3]), optional(s[4]),
                               optional(s[5]), ctx->saved_data["batch_stats"].toBool());
-  const auto g = bn_grads(s, grads);
-  return {g[0], g[1], g[2], g[3]};
+  return bn_grads(s, grads);
 }
 
 struct BnActTrain : torch::autograd::Function<BnActTrain> {
