@@ -1,5 +1,5 @@
 """Numerical robustness and reproducibility: variance with a large mean, NaN/Inf propagation as PyTorch,
-bitwise identical results run to run and across thread counts."""
+bitwise identical results run to run, across thread counts, and between the fused CPU ops and their SyncBN halves."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -59,3 +59,37 @@ def test_bitwise_deterministic(layout, dtype):
                 assert torch.equal(a, b), f"differs with {n} threads"
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize(
+    "shape",
+    # NCHW tiles of part of a plane, of whole planes of several samples, channels-last with a partial vector of
+    # channels, one row per sample (S = 1), a single sample, and more than one tile row per channel in either layout
+    [(16, 24, 30, 30), (64, 8, 7, 7), (8, 40, 9, 11), (4096, 3), (4, 3, 300, 300), (1, 20, 256, 256)],
+    ids=str,
+)
+def test_fused_ops_equal_their_separate_halves_bitwise(shape, dtype, activation, layout):
+    """The training forward (statistics, then y) and backward (sums, then grad_input) each run as one op, and as
+    the separate halves SyncBN calls between its all-reduces: the same input must give bit for bit the same
+    statistics, output and gradients either way."""
+    x = make_input(shape, layout, dtype, scale=2.0, shift=0.5)
+    grad_out = make_input(shape, layout, dtype)
+    weight, bias, slope = (None if t is None else t.float() for t in make_params(shape[1], activation))
+    ops = torch.ops.fusedrect
+    y, mean, invstd = ops.bn_act_fwd_train(x, weight, bias, slope, 1e-5)
+    stats_mean, stats_var = ops.bn_stats(x)
+    assert torch.equal(mean, stats_mean)
+    torch.testing.assert_close(invstd, (stats_var.double() + 1e-5).rsqrt().float(), rtol=1e-6, atol=0)
+    assert torch.equal(y, ops.bn_act_fwd_eval(x, mean, invstd, weight, bias, slope))
+
+    grad_input, grad_weight, grad_bias, grad_slope = ops.bn_act_bwd(
+        grad_out, x, mean, invstd, weight, bias, slope, True)
+    sum_dz, sum_dz_xhat, slope_sum = ops.bn_act_bwd_reduce(grad_out, x, mean, invstd, weight, bias, slope)
+    assert torch.equal(grad_bias, sum_dz) and torch.equal(grad_weight, sum_dz_xhat)
+    assert torch.equal(grad_slope, slope_sum)
+    count = x.numel() // x.shape[1]
+    elemt = ops.bn_act_bwd_elemt(grad_out, x, mean, invstd, weight, bias, slope, sum_dz, sum_dz_xhat, count)
+    assert torch.equal(grad_input, elemt)
