@@ -20,7 +20,10 @@ from common import (DTYPES, Progress, copy_step, finish, format_table, geometric
                     saved_bytes, speedup_bars)
 
 RESNET_STAGES = ["32x64x56x56", "32x128x28x28", "32x256x14x14", "32x512x7x7"]
-MODES = ("train_fwd", "train_fwd_bwd", "eval_fwd")
+# frozen_fwd_bwd (opt-in): eval-mode forward + backward with every parameter frozen, as when fine-tuning a
+# pretrained network around its BatchNorm layers.
+MODES = ("train_fwd", "train_fwd_bwd", "eval_fwd", "frozen_fwd_bwd")
+DEFAULT_MODES = MODES[:3]
 ACTIVATIONS = ("prelu", "relu")
 LAYOUTS = ("nchw", "channels_last")
 
@@ -31,7 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--shapes", default=",".join(RESNET_STAGES), help="comma-separated NxCxHxW")
     p.add_argument("--layouts", default=",".join(LAYOUTS))
-    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"some of {','.join(MODES)}")
     p.add_argument("--activations", default=",".join(ACTIVATIONS))
     p.add_argument("--providers", default="eager,compile,fusedrect", help="eager, compile, fusedrect")
     p.add_argument("--iters", type=int, default=10, help="timed iterations (median reported)")
@@ -78,23 +81,35 @@ def providers_for(args, eager, activation):
     return found
 
 
+def frozen_copy(module):
+    """An eval-mode copy of ``module`` (compiled again where it was) whose parameters need no gradient."""
+    inner = getattr(module, "_orig_mod", module)
+    frozen = copy.deepcopy(inner).eval().requires_grad_(False)
+    return torch.compile(frozen) if inner is not module else frozen
+
+
 def step(module, mode, x, grad):
+    """(run, forward): one timed step of ``mode``, and the forward whose saved tensors are counted (None: no
+    graph)."""
     if mode == "eval_fwd":
         module.eval()
 
         def run():
             with torch.no_grad():
                 module(x)
+        return run, None
+    if mode == "frozen_fwd_bwd":
+        module = frozen_copy(module)
     else:
         module.train()
-        if mode == "train_fwd":
-            def run():
-                module(x)
-        else:
-            def run():
-                x.grad = None  # no accumulation pass into an existing gradient
-                module(x).backward(grad)
-    return run
+    if mode == "train_fwd":
+        def run():
+            module(x)
+    else:
+        def run():
+            x.grad = None  # no accumulation pass into an existing gradient
+            module(x).backward(grad)
+    return run, functools.partial(module, x)
 
 
 def make_input(shape, layout, device, dtype):
@@ -119,11 +134,13 @@ def run(args):
                      for p in providers_for(args, eager_module(shape[1], activation, args.device, dtype), activation)]
         for mode in args.modes:
             progress.step(f"{mode} {'x'.join(map(str, shape))} {layout}")
+            steps = {(a, p, b): step(module, mode, x, grad) for a, p, b, module in providers}
             fns = {"copy": copy_step(x.detach())}
-            fns.update({(a, p, b): step(module, mode, x, grad) for a, p, b, module in providers})
+            fns.update({name: run for name, (run, _) in steps.items()})
             ms = median_ms(fns, args.device, args.warmup, args.iters)
             for activation, provider, backend, module in providers:
-                saved = 0 if mode == "eval_fwd" else saved_bytes(functools.partial(module, x))
+                forward = steps[(activation, provider, backend)][1]
+                saved = 0 if forward is None else saved_bytes(forward)
                 records.append({
                     "op": f"bn_{activation}", "provider": provider, "backend": backend, "mode": mode,
                     "activation": activation, "shape": list(shape), "memory_format": layout,

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fusedrect
-from fusedrect.resnet import preact_resnet
+from fusedrect.resnet import DEPTHS, preact_resnet
 
 from common import (DTYPES, Progress, finish, format_table, geometric_mean, median_ms, pyplot, saved_bytes,
                     speedup_bars, synchronize)
@@ -61,6 +61,8 @@ def parse_args(argv=None):
     args.units = [tuple(int(d) for d in s.split("x")) for s in units.split(",")] if units else []
     args.kernels = [int(k) for k in args.kernels.split(",")]
     args.depth = defaults["depth"] if args.depth is None else args.depth
+    if args.depth and args.depth not in DEPTHS:
+        p.error(f"--depth: expected 0 (no network part) or one of {DEPTHS}, got {args.depth}")
     args.batch = args.batch or defaults["batch"]
     args.image_size = args.image_size or defaults["image"]
     args.providers = args.providers.split(",")

@@ -5,7 +5,8 @@
 // each device runs its own kernel (the CPU kernels of csrc/cpu, the CUDA router of fusedrect/ops).
 //
 // Saved for backward: the input x, the per-channel statistics and the parameters; never the activation.
-// Backward recomputes it in the backward op. The backward ops have no derivative: their Python autograd
+// Backward recomputes it in the backward op (with given statistics and no parameter gradient needed, in the
+// elementwise op alone: frozen_input_grad). The backward ops have no derivative: their Python autograd
 // (fusedrect/ops) raises on a second-order gradient, so backward calls them below autograd unless it builds a
 // graph (create_graph=True).
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -39,6 +40,8 @@ using BnEvalSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptT
 using BnBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                             const Tensor&, const OptTensor&, const OptTensor&,
                                                             const OptTensor&, bool);
+using BnElemtSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                          const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, int64_t);
 using ConvTrainSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&,
                                                         const OptTensor&, double, const Tensor&, const OptTensor&,
                                                         c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef,
@@ -93,6 +96,33 @@ std::array<Tensor, 4> bn_backward(AutogradContext* ctx, const Tensor& grad_y) {
   return bn_grads(s, grads);
 }
 
+// Whether this backward needs a gradient of weight, bias or slope (saved 3 to 5). The node's inputs are the
+// tensor arguments given, in order: x, mean, invstd, then those of the three that are not None.
+bool params_need_grad(AutogradContext* ctx, const variable_list& s) {
+  size_t input = 3;
+  for (size_t i = 3; i < 6; ++i) {
+    if (s[i].defined() && ctx->needs_input_grad(input++)) return true;
+  }
+  return false;
+}
+
+// The gradient of x alone, for given statistics where no parameter needs a gradient (a frozen BatchNorm):
+// dx = gamma * invstd * dz, one pass over (x, dy) instead of two, as the backward op's first pass only sums the
+// parameters' gradients. It is the elementwise half of the SyncBN backward with zero sums (their terms vanish).
+// Undefined where backward builds a graph (the backward op then raises at the second order) and under symbolic
+// shapes (torch.compile with dynamic shapes), where the element count is not a number.
+Tensor frozen_input_grad(const variable_list& s, const Tensor& grad_y) {
+  static const auto elemt = op<BnElemtSig>("fusedrect::bn_act_bwd_elemt");
+  if (at::GradMode::is_enabled()) return Tensor();
+  const Tensor& x = s[0];
+  if (x.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return Tensor();
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const Tensor zeros = at::zeros_like(s[2]);
+  const int64_t count = x.size(1) > 0 ? x.numel() / x.size(1) : 0;
+  return elemt.call(in_layout_of(grad_y, x), x, s[1], s[2], optional(s[3]), optional(s[4]), optional(s[5]), zeros,
+                    zeros, count);
+}
+
 struct BnActTrain : torch::autograd::Function<BnActTrain> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptTensor& weight, const OptTensor& bias,
                                const OptTensor& slope, double eps) {
@@ -121,6 +151,11 @@ struct BnActEval : torch::autograd::Function<BnActEval> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    if (!params_need_grad(ctx, saved)) {
+      Tensor dx = frozen_input_grad(saved, grads[0]);
+      if (dx.defined()) return {dx, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    }
     auto [dx, dweight, dbias, dslope] = bn_backward(ctx, grads[0]);
     return {dx, Tensor(), Tensor(), dweight, dbias, dslope};
   }

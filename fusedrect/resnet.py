@@ -22,6 +22,7 @@ _CIFAR_BLOCKS = {20: "basic", 32: "basic", 44: "basic", 56: "basic", 110: "basic
                  1001: "bottleneck"}
 _IMAGENET_LAYERS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),
                     101: ("bottleneck", (3, 4, 23, 3)), 152: ("bottleneck", (3, 8, 36, 3))}
+DEPTHS = tuple(sorted({*_CIFAR_BLOCKS, *_IMAGENET_LAYERS}))  # what preact_resnet builds
 PRELU_INIT = 0.25
 
 

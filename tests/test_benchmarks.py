@@ -1,0 +1,43 @@
+"""The benchmark harnesses on a tiny configuration: they run every mode, and each record they write holds a
+positive time and copy time and the saved-for-backward bytes (none where no graph is built)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+
+def run_benchmark(script, *args, tmp_path):
+    out = tmp_path / "records.json"
+    subprocess.run([sys.executable, str(BENCHMARKS / script), *args, "--iters", "2", "--warmup", "1",
+                    "--json", str(out)], check=True, capture_output=True, text=True, timeout=300)
+    return json.loads(out.read_text())
+
+
+def test_bn_prelu_benchmark_every_mode(tmp_path):
+    modes = ["train_fwd", "train_fwd_bwd", "eval_fwd", "frozen_fwd_bwd"]
+    result = run_benchmark("bench_bn_prelu.py", "--shapes", "4x8x5x5", "--providers", "eager,fusedrect",
+                           "--modes", ",".join(modes), tmp_path=tmp_path)
+    records = result["records"]
+    assert {(r["provider"], r["mode"], r["activation"], r["memory_format"]) for r in records} == {
+        (p, m, a, f) for p in ("eager", "fusedrect") for m in modes for a in ("prelu", "relu")
+        for f in ("nchw", "channels_last")}
+    for r in records:
+        assert r["median_ms"] > 0 and r["copy_ms"] > 0
+        assert (r["saved_bytes"] == 0) == (r["mode"] == "eval_fwd")
+    fused = {(r["mode"], r["activation"], r["memory_format"]): r["saved_bytes"] for r in records
+             if r["provider"] == "fusedrect"}
+    assert fused[("train_fwd_bwd", "prelu", "nchw")] < 2 * 4 * 4 * 8 * 5 * 5  # one input-sized tensor + O(C)
+
+
+def test_preact_benchmark_units_and_network(tmp_path):
+    result = run_benchmark("bench_preact.py", "--units", "2x8x6x6", "--kernels", "1,3", "--depth", "20", "--batch",
+                           "2", "--image-size", "8", "--providers", "eager,split,fusedrect", tmp_path=tmp_path)
+    records = result["records"]
+    assert {(r["part"], r["provider"], r.get("kernel")) for r in records} == {
+        *(("unit", p, k) for p in ("eager", "split", "fusedrect") for k in (1, 3)),
+        ("network", "eager", None), ("network", "fusedrect", None)}
+    assert all(r["median_ms"] > 0 and r["saved_bytes"] > 0 for r in records)
+    saved = {(r["part"], r["provider"], r.get("kernel")): r["saved_bytes"] for r in records}
+    assert saved[("network", "fusedrect", None)] < saved[("network", "eager", None)]
