@@ -226,28 +226,34 @@ def test_autograd_nodes_are_cpp():
     assert "PreActConvTrain" in fusedrect.FusedPreActConv2d(3, 2, 3, padding=1)(x).grad_fn.name()
 
 
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_frozen_batchnorm_backward_is_one_elementwise_pass(layout, activation):
+def test_frozen_batchnorm_backward_is_one_elementwise_pass(layout, activation, affine):
     """In eval mode where no parameter needs a gradient (frozen for fine-tuning, or not asked for), backward needs
     only dx = weight * invstd * dz: it runs the elementwise op alone, without the reduction over (x, dy) that sums
-    the parameters' gradients, and gives the input gradient of the full backward bit for bit."""
-    live = fused_module(6, activation).double().eval()
+    the parameters' gradients, and gives the input gradient of the full backward op bit for bit."""
+    live = fused_module(6, activation, affine=affine).double().eval()
     with torch.no_grad():
         live.running_mean.normal_()
         live.running_var.uniform_(0.5, 2.0)
-        live.weight.uniform_(-1.5, 1.5)
+        if affine:
+            live.weight.uniform_(-1.5, 1.5)
     frozen = copy.deepcopy(live).requires_grad_(False)
     x = make_input((5, 6, 7, 3), layout, torch.float64).requires_grad_()
     grad = make_input((5, 6, 7, 3), layout, torch.float64)
+    slope = getattr(live, "slope", None)
+    expected = torch.ops.fusedrect.bn_act_bwd(grad, x, live.running_mean, (live.running_var + live.eps).rsqrt(),
+                                              live.weight, live.bias, slope, False)[0]
 
     def backward_ops(run):
         with torch.profiler.profile() as prof:
             run()
         return {event.name for event in prof.events()} & {"fusedrect::bn_act_bwd", "fusedrect::bn_act_bwd_elemt"}
 
-    assert backward_ops(lambda: live(x).backward(grad)) == {"fusedrect::bn_act_bwd"}
-    expected = x.grad
+    if list(live.parameters()):
+        assert backward_ops(lambda: live(x).backward(grad)) == {"fusedrect::bn_act_bwd"}
+        assert torch.equal(x.grad, expected)
     for module in (frozen, live):  # live: only x's gradient asked for
         got = []
         assert backward_ops(lambda: got.extend(torch.autograd.grad(module(x), x, grad))) == {
