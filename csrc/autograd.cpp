@@ -86,10 +86,10 @@ std::array<Tensor, 4> bn_grads(const variable_list& saved, const Grads& grads) {
           param_grad(std::get<3>(grads), saved[5])};
 }
 
-// Gradients of (x, weight, bias, slope).
-std::array<Tensor, 4> bn_backward(AutogradContext* ctx, const Tensor& grad_y) {
+// Gradients of (x, weight, bias, slope) from the saved tensors s (unpacked once per backward: saved-tensor hooks
+// such as non-reentrant checkpointing allow no second unpack).
+std::array<Tensor, 4> bn_backward(AutogradContext* ctx, const variable_list& s, const Tensor& grad_y) {
   static const auto bwd = op<BnBwdSig>("fusedrect::bn_act_bwd");
-  const variable_list s = ctx->get_saved_variables();
   const BackwardDispatch dispatch;
   const auto grads = bwd.call(in_layout_of(grad_y, s[0]), s[0], s[1], s[2], optional(s[3]), optional(s[4]),
                               optional(s[5]), ctx->saved_data["batch_stats"].toBool());
@@ -118,7 +118,8 @@ Tensor frozen_input_grad(const variable_list& s, const Tensor& grad_y) {
   if (x.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return Tensor();
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Tensor zeros = at::zeros_like(s[2]);
-  const int64_t count = x.size(1) > 0 ? x.numel() / x.size(1) : 0;
+  int64_t count = x.size(0);  // elements per channel, N * S (x.numel() / C fails where C == 0)
+  for (int64_t d = 2; d < x.dim(); ++d) count *= x.size(d);
   return elemt.call(in_layout_of(grad_y, x), x, s[1], s[2], optional(s[3]), optional(s[4]), optional(s[5]), zeros,
                     zeros, count);
 }
@@ -135,7 +136,7 @@ struct BnActTrain : torch::autograd::Function<BnActTrain> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto [dx, dweight, dbias, dslope] = bn_backward(ctx, grads[0]);
+    auto [dx, dweight, dbias, dslope] = bn_backward(ctx, ctx->get_saved_variables(), grads[0]);
     return {dx, dweight, dbias, dslope, Tensor()};
   }
 };
@@ -156,7 +157,7 @@ struct BnActEval : torch::autograd::Function<BnActEval> {
       Tensor dx = frozen_input_grad(saved, grads[0]);
       if (dx.defined()) return {dx, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
     }
-    auto [dx, dweight, dbias, dslope] = bn_backward(ctx, grads[0]);
+    auto [dx, dweight, dbias, dslope] = bn_backward(ctx, saved, grads[0]);
     return {dx, Tensor(), Tensor(), dweight, dbias, dslope};
   }
 };

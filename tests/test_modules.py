@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import fusedrect
 from conftest import ACTIVATIONS, BATCHNORM, LAYOUTS, SHAPES, fused_module, make_input, torch_modules
@@ -260,3 +261,44 @@ def test_frozen_batchnorm_backward_is_one_elementwise_pass(layout, activation, a
             "fusedrect::bn_act_bwd_elemt"}
         assert torch.equal(got[0], expected)
     assert torch.autograd.gradcheck(frozen, (x,))
+
+
+@pytest.mark.parametrize("state", ["train", "eval", "eval_frozen", "eval_slope_only"])
+def test_backward_unpacks_each_saved_tensor_once(state):
+    """Saved-tensor hooks see one unpack per pack, so non-reentrant activation checkpointing (which allows no
+    second unpack) works in every mode, the frozen backward and its fallback included."""
+    module = fusedrect.FusedBNPReLU(4).train(state == "train")
+    if state == "eval_frozen":
+        module.requires_grad_(False)
+    if state == "eval_slope_only":
+        module.weight.requires_grad_(False)
+        module.bias.requires_grad_(False)
+    x = torch.randn(3, 4, 5, 5, requires_grad=True)
+    grad = torch.randn(3, 4, 5, 5)
+    counts = {"pack": 0, "unpack": 0}
+
+    def pack(t):
+        counts["pack"] += 1
+        return t
+
+    def unpack(t):
+        counts["unpack"] += 1
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        y = module(x)
+    y.backward(grad)
+    assert counts["pack"] > 0 and counts["unpack"] == counts["pack"]
+    expected = x.grad.clone()
+    x.grad = None
+    checkpoint(module, x, use_reentrant=False).backward(grad)
+    assert torch.equal(x.grad, expected)
+
+
+@pytest.mark.parametrize("shape", [(4, 0, 3, 3), (4, 0), (0, 0, 2)], ids=str)
+def test_frozen_backward_of_zero_channels(shape):
+    """No channel: an empty gradient of x's shape, as nn.BatchNorm gives."""
+    layer = fusedrect.FusedBNReLU(0).eval().requires_grad_(False)
+    x = torch.randn(shape, requires_grad=True)
+    (grad,) = torch.autograd.grad(layer(x), x, torch.ones(shape))
+    assert grad.shape == x.shape
