@@ -243,7 +243,8 @@ def _dx_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr
     if BATCH_STATS:
         dgamma = _channel_values(grad_weight_ptr, rows, cols, C, ROWS, COLS, 1, CHANNELS_LAST, ACC)
         dbeta = _channel_values(grad_bias_ptr, rows, cols, C, ROWS, COLS, 1, CHANNELS_LAST, ACC)
-        dx = dx - scale / tl.cast(M, ACC) * (invstd * dgamma * xc + dbeta)
+        # the xc term is 0 where dgamma is (zero sums), for an infinite x too: as PyTorch
+        dx = dx - scale / tl.cast(M, ACC) * (tl.where(dgamma == 0, 0.0, invstd * dgamma * xc) + dbeta)
     tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 

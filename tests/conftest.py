@@ -89,3 +89,19 @@ def fused_module(channels, activation, **kwargs):
     if activation == "relu":
         return fusedrect.FusedBNReLU(channels, **kwargs)
     return fusedrect.FusedBNPReLU(channels, num_parameters=1 if activation == "prelu_shared" else None, **kwargs)
+
+
+def check_frozen_backward_of_non_finite_input(ops, layout, activation):
+    """``ops.bn_act_bwd_elemt`` with zero sums (the frozen backward) against ``ops.bn_act_bwd`` with given
+    statistics, on an input holding NaN and +-inf: equal, and finite, as PyTorch's eval backward (the x - mean
+    term vanishes where its coefficient does). ``ops``: torch.ops.fusedrect, or a backend's launchers."""
+    x = make_input((2, 3, 5, 5), layout)
+    x[0, 1, 2, 2] = float("nan")
+    x[1, 2, 0, 0] = float("inf")
+    x[0, 0, 4, 4] = float("-inf")
+    args = [make_input((2, 3, 5, 5), layout), x, torch.randn(3), torch.rand(3) + 0.5,
+            *(t.float() if t is not None else None for t in make_params(3, activation))]
+    zeros = torch.zeros(3)
+    frozen = ops.bn_act_bwd_elemt(*args, zeros, zeros, x.numel() // 3)
+    torch.testing.assert_close(frozen, ops.bn_act_bwd(*args, False)[0], equal_nan=True)
+    assert torch.isfinite(frozen).all()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
-from conftest import make_input, make_params
+from conftest import ACTIVATIONS, LAYOUTS, check_frozen_backward_of_non_finite_input, make_input, make_params
 from fusedrect import reference
 from fusedrect.ops import _backend
 
@@ -143,3 +143,9 @@ def test_emulated_cuda_kernels_match_the_cpu_ops(emulated, shape, layout, dtype,
     elemt = emulated.bn_act_bwd_elemt(grad, x, *args, sums[0], sums[1], count)
     assert torch.equal(elemt, dx)
     assert_near(elemt, ops.bn_act_bwd_elemt(grad.clone(), x.clone(), *args, sums[0], sums[1], count), 5 * tol)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_emulated_frozen_backward_of_non_finite_input(emulated, layout, activation):
+    check_frozen_backward_of_non_finite_input(emulated, layout, activation)

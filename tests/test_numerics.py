@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import fusedrect
-from conftest import ACTIVATIONS, LAYOUTS, fused_call, make_input, make_params
+from conftest import (ACTIVATIONS, LAYOUTS, check_frozen_backward_of_non_finite_input, fused_call, make_input,
+                      make_params)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -34,6 +35,41 @@ def test_nan_and_inf_propagate_as_pytorch(layout, activation):
         z = F.batch_norm(x, running_mean.clone(), running_var.clone(), weight, bias, training)
         theirs = F.relu(z) if slope is None else F.prelu(z, slope)
         torch.testing.assert_close(ours, theirs, equal_nan=True)
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_eval_backward_with_nan_and_inf_as_pytorch(layout, activation, frozen):
+    """With given statistics, dx = weight * invstd * dz: a non-finite x leaves its neighbours' gradients finite,
+    and its own as PyTorch's (both the full backward and the frozen one, which skips the parameters' sums)."""
+    x = make_input((3, 4, 5, 5), layout)
+    x[0, 1, 2, 2] = float("nan")
+    x[1, 2, 0, 0] = float("inf")
+    x[2, 3, 4, 4] = float("-inf")
+    grad = make_input((3, 4, 5, 5), layout)
+    running_mean, running_var = torch.randn(4), torch.rand(4) + 0.5
+    values = make_params(4, activation)
+    grads = []
+    for ours in (True, False):
+        params = [t.float().requires_grad_(not frozen) if t is not None else None for t in values]
+        weight, bias, slope = params
+        leaf = x.clone().requires_grad_()
+        if ours:
+            y = fused_call(leaf, running_mean, running_var, weight, bias, slope, False, "cpp")
+        else:
+            z = F.batch_norm(leaf, running_mean, running_var, weight, bias, False)
+            y = F.relu(z) if slope is None else F.prelu(z, slope)
+        inputs = [leaf] + [t for t in params if t is not None and t.requires_grad]
+        grads.append(torch.autograd.grad(y, inputs, grad))
+    for got, expected in zip(*grads):
+        torch.testing.assert_close(got, expected, equal_nan=True)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cpu_frozen_backward_of_non_finite_input(layout, activation):
+    check_frozen_backward_of_non_finite_input(torch.ops.fusedrect, layout, activation)
 
 
 def run_training_step(x, params, grad_out):

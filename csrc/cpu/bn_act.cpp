@@ -282,7 +282,9 @@ Tensor grad_input(const Geometry& geo, const Tensor& grad_out, const Tensor& inp
                        [](const auto& P, const auto& X) {
                          const auto [xc, z] = centred_and_z<kFromOutput, Vec>(P, X[0]);
                          const Vec dz = grad_z<kPReLU>(z, X[1], kPReLU ? &P.back() : nullptr);
-                         return P[3] * dz + P[4] * xc + P[5];
+                         // B * (x - mean) is 0 where B is (given statistics), for an infinite x too: as PyTorch
+                         const Vec bxc = Vec::blendv(P[4] * xc, Vec(0), P[4] == Vec(0));
+                         return P[3] * dz + bxc + P[5];
                        });
   });
   return grad;

@@ -130,7 +130,8 @@ struct GradInput {
   __device__ static T compute(const Params& p, const T* in) {
     T xc, z;
     p.z.centred_and_z(in[0], xc, z);
-    return p.scale * grad_z<kMode>(z, in[1], p.z.slope) + p.b * xc + p.d;
+    // B * (x - mean) is 0 where B is (given statistics), for an infinite x too: as PyTorch.
+    return p.scale * grad_z<kMode>(z, in[1], p.z.slope) + (p.b == T(0) ? T(0) : p.b * xc) + p.d;
   }
 };
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import fusedrect
-from conftest import (ACTIVATIONS, LAYOUTS, fused_call, fused_forward_backward, fused_module, make_input,
-                      make_params, torch_modules)
+from conftest import (ACTIVATIONS, LAYOUTS, check_frozen_backward_of_non_finite_input, fused_call,
+                      fused_forward_backward, fused_module, make_input, make_params, torch_modules)
 from fusedrect import reference
 from fusedrect.ops import sync_bn
 
@@ -139,6 +139,14 @@ def test_sync_bn_halves_match_reference(shape, layout, activation):
     for got, want in zip([*kernels.bn_stats(x), *sums, dx], expected):
         tol = TOLERANCE[torch.float32] * max(1.0, want.abs().max().item()) if want.numel() else 0.0
         torch.testing.assert_close(got.double(), want, atol=tol, rtol=TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_triton_frozen_backward_of_non_finite_input(layout, activation):
+    from fusedrect.kernels import bn_act as kernels
+
+    check_frozen_backward_of_non_finite_input(kernels, layout, activation)
 
 
 @pytest.mark.parametrize("activation", ["relu", "prelu"])
