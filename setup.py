@@ -53,7 +53,7 @@ def extension():
     # Linking -fopenmp resolves to the libgomp that torch itself loaded (same soname).
     openmp = ["-fopenmp"] if torch.backends.openmp.is_available() and sys.platform.startswith("linux") else []
     cxx += openmp
-    sources = ["csrc/fusedrect.cpp", "csrc/autograd.cpp", "csrc/running_stats.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     if not with_cuda():
         return cpp_extension.CppExtension(
             "fusedrect._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx}, extra_link_args=openmp
