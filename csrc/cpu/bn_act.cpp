@@ -62,16 +62,16 @@ class ChannelTable {
 template <typename Vec>
 inline Vec activate(const Vec& z, const Vec* slope) {
   // ReLU as IEEE maximum so NaN propagates (as torch.relu); PReLU as torch.prelu: z > 0 ? z : a * z.
-  return slope ? Vec::blendv(*slope * z, z, z > Vec(0)) : at::vec::maximum(z, Vec(0));
+  return slope ? where<SignTest::kPositive>(z, z, *slope * z) : at::vec::maximum(z, Vec(0));
 }
 
 template <bool kPReLU, typename Vec>
 inline Vec grad_z(const Vec& z, const Vec& dy, const Vec* slope) {
   // PReLU as torch.prelu's backward (z > 0 ? dy : a * dy); ReLU as threshold_backward (z <= 0 ? 0 : dy).
   if constexpr (kPReLU) {
-    return Vec::blendv(*slope * dy, dy, z > Vec(0));
+    return where<SignTest::kPositive>(z, dy, *slope * dy);
   } else {
-    return Vec::blendv(dy, Vec(0), z <= Vec(0));
+    return where<SignTest::kNotPositive>(z, Vec(0), dy);
   }
 }
 
@@ -81,7 +81,7 @@ inline Vec grad_z(const Vec& z, const Vec& dy, const Vec* slope) {
 template <bool kFromOutput, typename Vec, typename Params>
 inline std::pair<Vec, Vec> centred_and_z(const Params& P, const Vec& v) {
   if constexpr (kFromOutput) {
-    const Vec z = Vec::blendv(v * P[1], v, v > Vec(0));
+    const Vec z = where<SignTest::kPositive>(v, v, v * P[1]);
     return {(z - P[2]) * P[0], z};
   } else {
     const Vec xc = v - P[0];
@@ -207,7 +207,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_sums(const Geometry& geo, const Tens
                             std::array<Vec, kPReLU ? 3 : 2> terms;
                             terms[0] = dz;
                             terms[1] = dz * xc;
-                            if constexpr (kPReLU) terms[2] = Vec::blendv(z * X[1], Vec(0), z > Vec(0));
+                            if constexpr (kPReLU) terms[2] = where<SignTest::kPositive>(z, Vec(0), z * X[1]);
                             return terms;
                           });
   });
@@ -283,7 +283,7 @@ Tensor grad_input(const Geometry& geo, const Tensor& grad_out, const Tensor& inp
                          const auto [xc, z] = centred_and_z<kFromOutput, Vec>(P, X[0]);
                          const Vec dz = grad_z<kPReLU>(z, X[1], kPReLU ? &P.back() : nullptr);
                          // B * (x - mean) is 0 where B is (given statistics), for an infinite x too: as PyTorch
-                         const Vec bxc = Vec::blendv(P[4] * xc, Vec(0), P[4] == Vec(0));
+                         const Vec bxc = where<SignTest::kZero>(P[4], Vec(0), P[4] * xc);
                          return P[3] * dz + bxc + P[5];
                        });
   });
