@@ -1,11 +1,12 @@
 // How a BatchNorm input is walked on the CPU.
 //
 // The input is viewed as (N, C, S) in one of two native layouts (NCHW or channels-last, ../bn_act_args.h).
-// Work is cut into tiles of ~kTileElems elements, each a block of memory (walked in address order, so the
-// hardware prefetcher streams it, except by channels-last reductions: for_channel_blocks), small enough to stay
-// in L2 so a tile can be read twice cheaply:
+// Work is cut into tiles of ~kTileElems elements, small enough to stay in L2 so a tile can be read twice
+// cheaply, each one or a few blocks of memory (elementwise passes walk them in address order, so the hardware
+// prefetcher streams them; reductions walk them channel by channel, each channel's sums kept in registers):
 //   NCHW           samples [n0, n1) x channels [c0, c1) x positions [s0, s1): whole planes when C * S is
-//                  small, runs of whole channels when S is small, a piece of one run when S is large;
+//                  small, runs of whole channels over a few samples when S is small (at least
+//                  kMinChannelElems of each channel where N allows), a piece of one run when S is large;
 //   channels-last  rows [r0, r1) x channels [c0, c1).
 // Tiles depend only on the shape, never on the thread count: a reduction writes one partial per (tile row g,
 // channel) into a (G, C) buffer and merges the G partials in a fixed order, so results are bitwise
@@ -15,6 +16,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
 #include <array>
 #include <type_traits>
 #include <vector>
@@ -26,6 +28,9 @@ namespace fusedrect::cpu {
 
 inline constexpr int64_t kTileElems = 16384;
 inline constexpr int64_t kChannelBlock = 1024;  // channels-last tiles: at most this many channels
+inline constexpr int64_t kMinChannelElems = 256;  // NCHW tiles: elements per channel, at least (N allowing)
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 struct Tile {
   int64_t g;       // row of the (G, C) partial buffers
@@ -42,8 +47,6 @@ struct Tiling {
   int64_t groups() const { return n_blocks * s_blocks; }  // G
 };
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 inline Tiling tiling_of(const Geometry& geo) {
   const int64_t C = std::max<int64_t>(geo.C, 1);
   Tiling t{};
@@ -54,9 +57,14 @@ inline Tiling tiling_of(const Geometry& geo) {
     t.n_blocks = ceil_div(geo.per_channel(), t.n_per);
     t.s_blocks = 1;
   } else {
+    // Short runs (small S): several samples per tile, so that a reduction sums at least kMinChannelElems of
+    // each channel in vector lanes before one horizontal sum.
     t.s_per = std::min(std::max<int64_t>(geo.S, 1), kTileElems);
-    t.c_per = std::min(C, std::max<int64_t>(1, kTileElems / t.s_per));
-    t.n_per = t.c_per == C ? std::max<int64_t>(1, kTileElems / (C * t.s_per)) : 1;
+    const int64_t runs = std::max<int64_t>(1, kTileElems / t.s_per);
+    const int64_t min_samples =
+        std::clamp<int64_t>(ceil_div(kMinChannelElems, t.s_per), 1, std::max<int64_t>(geo.N, 1));
+    t.c_per = std::min(C, std::max<int64_t>(1, runs / min_samples));
+    t.n_per = t.c_per == C ? std::max<int64_t>(1, runs / C) : min_samples;
     t.n_blocks = ceil_div(geo.N, t.n_per);
     t.s_blocks = ceil_div(geo.S, t.s_per);
   }
@@ -160,10 +168,14 @@ inline void for_channel_blocks(const Tile& tile, const F& f) {
   for (; c < tile.c1; c += V) f(c, std::integral_constant<size_t, 1>{}, std::min(V, tile.c1 - c));
 }
 
+// map_tile and reduce_tile take their arguments by value: copies of their own that no store of a vector
+// (which may alias anything) can change, so the compiler keeps the pointers and extents in registers instead
+// of reloading them for every vector.
+
 // Elementwise pass over one tile: out = f(params, inputs...) for every element.
 template <typename scalar_t, size_t NP, size_t NI, typename F>
-void map_tile(const Geometry& geo, const Tile& tile, const std::array<const scalar_t*, NI>& in,
-              const ParamPtrs<opmath_t<scalar_t>, NP>& params, scalar_t* out, const F& f) {
+void map_tile(const Geometry geo, const Tile tile, const std::array<const scalar_t*, NI> in,
+              const ParamPtrs<opmath_t<scalar_t>, NP> params, scalar_t* out, const F& f) {
   using Vec = MathVec<scalar_t>;
   constexpr int64_t V = Vec::size();
   auto step = [&](const ParamVecs<opmath_t<scalar_t>, NP>& P, int64_t off, int64_t n) {
@@ -202,8 +214,8 @@ void map_tile(const Geometry& geo, const Tile& tile, const std::array<const scal
 // Reduction over one tile: acc[k][c] = sum over the tile's elements of channel c of f(params, inputs...)[k].
 // acc[k] is indexed by channel; lanes past a tail are masked out before they are added.
 template <typename scalar_t, size_t NP, size_t NI, size_t K, typename F>
-void reduce_tile(const Geometry& geo, const Tile& tile, const std::array<const scalar_t*, NI>& in,
-                 const ParamPtrs<opmath_t<scalar_t>, NP>& params, const std::array<opmath_t<scalar_t>*, K>& acc,
+void reduce_tile(const Geometry geo, const Tile tile, const std::array<const scalar_t*, NI> in,
+                 const ParamPtrs<opmath_t<scalar_t>, NP> params, const std::array<opmath_t<scalar_t>*, K> acc,
                  const F& f) {
   using T = opmath_t<scalar_t>;
   using Vec = MathVec<scalar_t>;
@@ -233,17 +245,21 @@ void reduce_tile(const Geometry& geo, const Tile& tile, const std::array<const s
       }
     });
   } else {
-    for (size_t k = 0; k < K; ++k) std::fill(acc[k] + tile.c0, acc[k] + tile.c1, T(0));
-    for_each_run(geo, tile, [&](int64_t c, int64_t off, int64_t len) {
+    // Channel by channel, its runs (one per sample) summed in vector lanes, one horizontal sum per channel.
+    const int64_t len = tile.s1 - tile.s0;
+    for (int64_t c = tile.c0; c < tile.c1; ++c) {
       const auto P = broadcast_params(params, c);
       std::array<Vec, K> sum;
       sum.fill(Vec(T(0)));
-      for (int64_t i = 0; i < len; i += V) {
-        const auto t = terms(P, off + i, std::min(V, len - i));
-        for (size_t k = 0; k < K; ++k) sum[k] = sum[k] + t[k];
+      for (int64_t n = tile.n0; n < tile.n1; ++n) {
+        const int64_t off = (n * geo.C + c) * geo.S + tile.s0;
+        for (int64_t i = 0; i < len; i += V) {
+          const auto t = terms(P, off + i, std::min(V, len - i));
+          for (size_t k = 0; k < K; ++k) sum[k] = sum[k] + t[k];
+        }
       }
-      for (size_t k = 0; k < K; ++k) acc[k][c] += reduce_add(sum[k]);
-    });
+      for (size_t k = 0; k < K; ++k) acc[k][c] = reduce_add(sum[k]);
+    }
   }
 }
 
