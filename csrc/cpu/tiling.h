@@ -168,14 +168,10 @@ inline void for_channel_blocks(const Tile& tile, const F& f) {
   for (; c < tile.c1; c += V) f(c, std::integral_constant<size_t, 1>{}, std::min(V, tile.c1 - c));
 }
 
-// map_tile and reduce_tile take their arguments by value: copies of their own that no store of a vector
-// (which may alias anything) can change, so the compiler keeps the pointers and extents in registers instead
-// of reloading them for every vector.
-
 // Elementwise pass over one tile: out = f(params, inputs...) for every element.
 template <typename scalar_t, size_t NP, size_t NI, typename F>
-void map_tile(const Geometry geo, const Tile tile, const std::array<const scalar_t*, NI> in,
-              const ParamPtrs<opmath_t<scalar_t>, NP> params, scalar_t* out, const F& f) {
+void map_tile(const Geometry& geo, const Tile& tile, const std::array<const scalar_t*, NI>& in,
+              const ParamPtrs<opmath_t<scalar_t>, NP>& params, scalar_t* out, const F& f) {
   using Vec = MathVec<scalar_t>;
   constexpr int64_t V = Vec::size();
   auto step = [&](const ParamVecs<opmath_t<scalar_t>, NP>& P, int64_t off, int64_t n) {
@@ -214,8 +210,8 @@ void map_tile(const Geometry geo, const Tile tile, const std::array<const scalar
 // Reduction over one tile: acc[k][c] = sum over the tile's elements of channel c of f(params, inputs...)[k].
 // acc[k] is indexed by channel; lanes past a tail are masked out before they are added.
 template <typename scalar_t, size_t NP, size_t NI, size_t K, typename F>
-void reduce_tile(const Geometry geo, const Tile tile, const std::array<const scalar_t*, NI> in,
-                 const ParamPtrs<opmath_t<scalar_t>, NP> params, const std::array<opmath_t<scalar_t>*, K> acc,
+void reduce_tile(const Geometry& geo, const Tile& tile, const std::array<const scalar_t*, NI>& in,
+                 const ParamPtrs<opmath_t<scalar_t>, NP>& params, const std::array<opmath_t<scalar_t>*, K>& acc,
                  const F& f) {
   using T = opmath_t<scalar_t>;
   using Vec = MathVec<scalar_t>;
