@@ -28,7 +28,7 @@ using at::Tensor;
 constexpr int64_t kMergeGrain = 256;  // channels per thread when merging tile partials
 
 // The per-channel coefficients every pass reads, one row of C values each, in the statistics dtype.
-enum Row : int64_t { kMean, kScale, kBeta, kSlope, kA, kB, kD, kInvScale, kInvSlope, kRows };
+enum Row : int64_t { kMean, kScale, kBeta, kSlope, kB, kD, kInvScale, kInvSlope, kRows };
 
 template <typename T>
 class ChannelTable {
@@ -118,8 +118,9 @@ void batch_stats(const Geometry& geo, const scalar_t* x, const Store& store) {
     T* tile_mean = local_mean + tile.g * C;
     T* tile_m2 = local_m2 + tile.g * C;
     T* tile_dsum = local_dsum + tile.g * C;
-    reduce_tile<scalar_t, 0, 1, 1>(geo, tile, {x}, {}, {tile_mean},
-                                   [](const auto&, const auto& X) { return std::array<Vec, 1>{X[0]}; });
+    reduce_tile<scalar_t, 0, 1, 1>(geo, tile, {x}, {}, {tile_mean}, [](const auto&, const auto& X) {
+      return std::array<Vec, 1>{X[0]};
+    });
     const T inv_count = T(1) / T(tile.count());
     for (int64_t c = tile.c0; c < tile.c1; ++c) tile_mean[c] *= inv_count;
     reduce_tile<scalar_t, 1, 1, 2>(geo, tile, {x}, {tile_mean}, {tile_m2, tile_dsum},
@@ -240,53 +241,72 @@ std::tuple<Tensor, Tensor, Tensor> backward_sums(const Geometry& geo, const Tens
   return {sum_dz, sum_dz_xhat, grad_slope};
 }
 
-// The coefficients of dx = A * dz + B * (x - mean) + D into the table: A = gamma * invstd and, where batch
+// The coefficients of dx = A * dz + B * (x - mean) + D: A = gamma * invstd (the table's scale) and, where batch
 // statistics over `count` elements per channel (on every rank together, for SyncBN) normalised x,
-// B = -A * invstd * sum_dz_xhat / count, D = -A * sum_dz / count; with given statistics (sums undefined) B = D = 0.
+// B = -A * invstd * sum_dz_xhat / count, D = -A * sum_dz / count into the table; with given statistics (sums
+// undefined) B = D = 0. Returns whether any B or D is nonzero.
 template <typename T>
-void dx_coefficients(ChannelTable<T>& table, int64_t C, const Tensor& invstd, const Tensor& sum_dz,
+bool dx_coefficients(ChannelTable<T>& table, int64_t C, const Tensor& invstd, const Tensor& sum_dz,
                      const Tensor& sum_dz_xhat, int64_t count) {
   const T* istd = invstd.const_data_ptr<T>();
   const T* dbeta = sum_dz.defined() ? sum_dz.const_data_ptr<T>() : nullptr;
   const T* dgamma = sum_dz_xhat.defined() ? sum_dz_xhat.const_data_ptr<T>() : nullptr;
   const T inv_count = T(1) / T(count);
+  bool nonzero = false;
   for (int64_t c = 0; c < C; ++c) {
     const T A = table.row(kScale)[c];
-    table.row(kA)[c] = A;
     table.row(kB)[c] = dgamma ? -A * istd[c] * dgamma[c] * inv_count : T(0);
     table.row(kD)[c] = dbeta ? -A * dbeta[c] * inv_count : T(0);
+    nonzero = nonzero || table.row(kB)[c] != T(0) || table.row(kD)[c] != T(0);
   }
+  return nonzero;
 }
 
 // The elementwise half of backward: dx = A * dz + B * (x - mean) + D with the table's coefficients
 // (dx_coefficients), in the input's dtype and layout; written into `dx_out` where defined (it may be grad_out
-// itself: each element is read before it is written), else into a new tensor.
+// itself: each element is read before it is written), else into a new tensor. Without batch terms (B = D = 0
+// in every channel: given statistics) dx = A * dz, so an infinite x gives PyTorch's finite gradient, not inf * 0.
 template <typename scalar_t, bool kPReLU, bool kFromOutput = false>
 Tensor grad_input(const Geometry& geo, const Tensor& grad_out, const Tensor& input,
-                  const ChannelTable<opmath_t<scalar_t>>& table, const Tensor& dx_out = Tensor()) {
+                  const ChannelTable<opmath_t<scalar_t>>& table, bool batch_terms, const Tensor& dx_out = Tensor()) {
   using T = opmath_t<scalar_t>;
   using Vec = MathVec<scalar_t>;
-  const auto zparams = z_params<kPReLU, kFromOutput>(table);
-  ParamPtrs<T, kPReLU ? 7 : 6> dparams;
-  std::copy(zparams.begin(), zparams.begin() + 3, dparams.begin());
-  dparams[3] = table.row(kA);
-  dparams[4] = table.row(kB);
-  dparams[5] = table.row(kD);
-  if constexpr (kPReLU) dparams[6] = table.row(kSlope);
   const scalar_t* x = input.const_data_ptr<scalar_t>();
   const scalar_t* dy = grad_out.const_data_ptr<scalar_t>();
   Tensor grad = dx_out.defined() ? dx_out : at::empty_like(input);
   scalar_t* dx = grad.mutable_data_ptr<scalar_t>();
-  parallel_for_tiles(geo, tiling_of(geo), [&](const Tile& tile) {
-    map_tile<scalar_t>(geo, tile, std::array<const scalar_t*, 2>{x, dy}, dparams, dx,
-                       [](const auto& P, const auto& X) {
-                         const auto [xc, z] = centred_and_z<kFromOutput, Vec>(P, X[0]);
-                         const Vec dz = grad_z<kPReLU>(z, X[1], kPReLU ? &P.back() : nullptr);
-                         // B * (x - mean) is 0 where B is (given statistics), for an infinite x too: as PyTorch
-                         const Vec bxc = where<SignTest::kZero>(P[4], Vec(0), P[4] * xc);
-                         return P[3] * dz + bxc + P[5];
-                       });
-  });
+  auto run = [&](auto with_batch_terms) {
+    constexpr bool kBatchTerms = decltype(with_batch_terms)::value;
+    // Rows: z's three (z_params), A where those do not hold it (kFromOutput), B and D, the slope last.
+    constexpr size_t iA = kFromOutput ? 3 : 1;
+    constexpr size_t iB = kFromOutput ? 4 : 3;
+    ParamPtrs<T, 3 + kFromOutput + 2 * kBatchTerms + kPReLU> params;
+    const auto zparams = z_params<kPReLU, kFromOutput>(table);
+    std::copy(zparams.begin(), zparams.begin() + 3, params.begin());
+    if constexpr (kFromOutput) params[iA] = table.row(kScale);
+    if constexpr (kBatchTerms) {
+      params[iB] = table.row(kB);
+      params[iB + 1] = table.row(kD);
+    }
+    if constexpr (kPReLU) params.back() = table.row(kSlope);
+    parallel_for_tiles(geo, tiling_of(geo), [&](const Tile& tile) {
+      map_tile<scalar_t>(geo, tile, std::array<const scalar_t*, 2>{x, dy}, params, dx,
+                         [](const auto& P, const auto& X) {
+                           const auto [xc, z] = centred_and_z<kFromOutput, Vec>(P, X[0]);
+                           const Vec dz = grad_z<kPReLU>(z, X[1], kPReLU ? &P.back() : nullptr);
+                           if constexpr (kBatchTerms) {
+                             return P[iA] * dz + P[iB] * xc + P[iB + 1];
+                           } else {
+                             return P[iA] * dz;
+                           }
+                         });
+    });
+  };
+  if (batch_terms) {
+    run(std::true_type{});
+  } else {
+    run(std::false_type{});
+  }
   return grad;
 }
 
@@ -300,9 +320,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Geometry& geo, const T
                                                     const Tensor& dx_out = Tensor()) {
   auto [sum_dz, sum_dz_xhat, grad_slope] =
       backward_sums<scalar_t, kPReLU, kFromOutput>(geo, grad_out, input, invstd, table);
-  dx_coefficients(table, geo.C, invstd, batch_stats ? sum_dz : Tensor(), batch_stats ? sum_dz_xhat : Tensor(),
-                  geo.per_channel());
-  Tensor dx = grad_input<scalar_t, kPReLU, kFromOutput>(geo, grad_out, input, table, dx_out);
+  const bool batch_terms = dx_coefficients(table, geo.C, invstd, batch_stats ? sum_dz : Tensor(),
+                                           batch_stats ? sum_dz_xhat : Tensor(), geo.per_channel());
+  Tensor dx = grad_input<scalar_t, kPReLU, kFromOutput>(geo, grad_out, input, table, batch_terms, dx_out);
   return {dx, sum_dz_xhat, sum_dz, grad_slope};
 }
 
@@ -495,8 +515,8 @@ Tensor bn_act_bwd_elemt(const Tensor& grad_out, const Tensor& input, const Tenso
   dispatch(input, args.slope.defined(), [&](auto scalar, auto prelu) {
     using scalar_t = decltype(scalar);
     ChannelTable<opmath_t<scalar_t>> table(C, args);
-    dx_coefficients(table, C, args.invstd, dz_sum, dz_xhat_sum, count);
-    dx = grad_input<scalar_t, decltype(prelu)::value>(geo, grad_out, input, table);
+    const bool batch_terms = dx_coefficients(table, C, args.invstd, dz_sum, dz_xhat_sum, count);
+    dx = grad_input<scalar_t, decltype(prelu)::value>(geo, grad_out, input, table, batch_terms);
   });
   return dx;
 }
