@@ -102,9 +102,11 @@ def test_bitwise_deterministic(layout, dtype):
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize(
     "shape",
-    # NCHW tiles of part of a plane, of whole planes of several samples, channels-last with a partial vector of
-    # channels, one row per sample (S = 1), a single sample, and more than one tile row per channel in either layout
-    [(16, 24, 30, 30), (64, 8, 7, 7), (8, 40, 9, 11), (4096, 3), (4, 3, 300, 300), (1, 20, 256, 256)],
+    # NCHW tiles of part of a plane, of whole planes of several samples, of several samples' runs of part of the
+    # channels, channels-last with a partial vector of channels, one row per sample (S = 1), a single sample, and
+    # more than one tile row per channel in either layout
+    [(16, 24, 30, 30), (64, 8, 7, 7), (20, 400, 7, 7), (8, 40, 9, 11), (4096, 3), (4, 3, 300, 300),
+     (1, 20, 256, 256)],
     ids=str,
 )
 def test_fused_ops_equal_their_separate_halves_bitwise(shape, dtype, activation, layout):

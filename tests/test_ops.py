@@ -16,6 +16,7 @@ AWKWARD_SHAPES = [
     (17, 33, 1, 1),
     (64, 3),
     (2, 3, 96, 96),  # several NCHW tiles per channel
+    (8, 400, 7, 7),  # NCHW tiles of several samples and part of the channels, partial at both ends
     (8, 5, 40, 40),  # several channels-last row tiles
     (1, 300, 8, 8),  # several channels-last channel blocks
 ]
