@@ -3,10 +3,11 @@
 // The input is viewed as (N, C, S) in one of two native layouts (NCHW or channels-last, ../bn_act_args.h).
 // Work is cut into tiles of ~kTileElems elements, small enough to stay in L2 so a tile can be read twice
 // cheaply, each one or a few blocks of memory (elementwise passes walk them in address order, so the hardware
-// prefetcher streams them; reductions walk them channel by channel, each channel's sums kept in registers):
+// prefetcher streams them; reductions keep their sums in registers, walking an NCHW tile channel by channel and
+// a channels-last one in blocks of channel vectors down its rows: for_channel_blocks):
 //   NCHW           samples [n0, n1) x channels [c0, c1) x positions [s0, s1): whole planes when C * S is
-//                  small, runs of whole channels over a few samples when S is small (at least
-//                  kMinChannelElems of each channel where N allows), a piece of one run when S is large;
+//                  small, runs of whole channels over a few samples when S is small (kMinChannelElems of each
+//                  channel where N allows, fewer in the last row of tiles), a piece of one run when S is large;
 //   channels-last  rows [r0, r1) x channels [c0, c1).
 // Tiles depend only on the shape, never on the thread count: a reduction writes one partial per (tile row g,
 // channel) into a (G, C) buffer and merges the G partials in a fixed order, so results are bitwise
@@ -28,7 +29,7 @@ namespace fusedrect::cpu {
 
 inline constexpr int64_t kTileElems = 16384;
 inline constexpr int64_t kChannelBlock = 1024;  // channels-last tiles: at most this many channels
-inline constexpr int64_t kMinChannelElems = 256;  // NCHW tiles: elements per channel, at least (N allowing)
+inline constexpr int64_t kMinChannelElems = 256;  // NCHW tiles: elements per channel (N allowing)
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -57,8 +58,8 @@ inline Tiling tiling_of(const Geometry& geo) {
     t.n_blocks = ceil_div(geo.per_channel(), t.n_per);
     t.s_blocks = 1;
   } else {
-    // Short runs (small S): several samples per tile, so that a reduction sums at least kMinChannelElems of
-    // each channel in vector lanes before one horizontal sum.
+    // Short runs (small S): several samples per tile, so that a reduction sums kMinChannelElems of each channel
+    // (the last row of tiles excepted) in vector lanes before one horizontal sum.
     t.s_per = std::min(std::max<int64_t>(geo.S, 1), kTileElems);
     const int64_t runs = std::max<int64_t>(1, kTileElems / t.s_per);
     const int64_t min_samples =
@@ -74,8 +75,8 @@ inline Tiling tiling_of(const Geometry& geo) {
   return t;
 }
 
-// Runs f(tile) for every tile, in parallel, each thread taking a contiguous range of memory; small inputs
-// stay on one thread.
+// Runs f(tile) for every tile, in parallel, each thread taking a contiguous range of tiles (of memory, but where
+// NCHW tiles hold part of the channels of several samples); small inputs stay on one thread.
 template <typename F>
 void parallel_for_tiles(const Geometry& geo, const Tiling& t, const F& f) {
   const int64_t rows = geo.channels_last ? geo.per_channel() : geo.N;
