@@ -13,8 +13,10 @@ Two passes find them:
      before a convolution: such a BatchNorm is fused with its activation only). The model is patched in place
      (no GraphModule: it keeps its class, methods and state). A module that does not trace is searched child
      by child, and reported.
-A BatchNorm whose output is also used elsewhere is never fused (its normalised output would be lost), nor is a
-PReLU module called at several places (its one slope would become several), nor a SyncBatchNorm.
+An ``nn.SyncBatchNorm`` becomes the synchronized module (FusedSyncBNReLU / FusedSyncBNPReLU, its process group
+kept), with its activation only: FusedPreActConv2d has no synchronized version. A BatchNorm whose output is also
+used elsewhere is never fused (its normalised output would be lost), nor is a PReLU module called at several
+places (its one slope would become several).
 """
 import copy
 import dataclasses
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fusedrect.modules import FusedBNPReLU, FusedBNReLU, FusedPreActConv2d, _FusedBNAct
+from fusedrect.sync_batchnorm import FusedSyncBNPReLU, FusedSyncBNReLU
 
 logger = logging.getLogger("fusedrect")
 
@@ -47,22 +50,33 @@ class ConversionReport:
 
 
 def convert_model(model, inplace=False):
-    """``model`` with its BatchNorm -> ReLU/PReLU pairs replaced by FusedBNReLU / FusedBNPReLU, and its
-    BatchNorm2d -> ReLU/PReLU -> Conv2d chains by FusedPreActConv2d.
+    """``model`` with its BatchNorm -> ReLU/PReLU pairs replaced by FusedBNReLU / FusedBNPReLU (nn.SyncBatchNorm
+    -> ReLU/PReLU by FusedSyncBNReLU / FusedSyncBNPReLU), and its BatchNorm2d -> ReLU/PReLU -> Conv2d chains by
+    FusedPreActConv2d.
 
     Parameters, running statistics, device, dtype and train/eval state are kept. ``inplace=False`` converts a
-    deep copy. The report of what was fused and skipped is logged (logger "fusedrect") and attached to the
-    result as ``fusedrect_report``.
+    deep copy (sharing the process groups). The report of what was fused and skipped is logged (logger
+    "fusedrect") and attached to the result as ``fusedrect_report``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    model = model if inplace else copy.deepcopy(model)
+    model = model if inplace else _copy(model)
     report = ConversionReport()
     _convert_sequentials(model, "", report)
     _convert_traced(model, "", report)
     logger.info("%s", report)
     model.fusedrect_report = report
     return model
+
+
+def _copy(model):
+    """A deep copy of ``model`` that shares its modules' process groups (which cannot be copied)."""
+    memo = {}
+    for module in model.modules():
+        group = getattr(module, "process_group", None)
+        if group is not None:
+            memo[id(group)] = group
+    return copy.deepcopy(model, memo)
 
 
 def revert_model(model):
@@ -90,7 +104,7 @@ def revert_model(model):
 
 
 def _is_batchnorm(module):
-    return isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, nn.SyncBatchNorm)
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
 
 
 def _fusable_activation(bn, act):
@@ -100,7 +114,11 @@ def _fusable_activation(bn, act):
 
 
 def _fuse(bn, act):
-    return FusedBNReLU.from_modules(bn, act) if isinstance(act, nn.ReLU) else FusedBNPReLU.from_modules(bn, act)
+    """The fused module for ``bn`` -> ``act``: a synchronized one for an nn.SyncBatchNorm (its process group)."""
+    sync = isinstance(bn, nn.SyncBatchNorm)
+    if isinstance(act, nn.ReLU):
+        return (FusedSyncBNReLU if sync else FusedBNReLU).from_modules(bn, act)
+    return (FusedSyncBNPReLU if sync else FusedBNPReLU).from_modules(bn, act)
 
 
 def _chainable(bn, act, conv):

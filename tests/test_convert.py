@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -170,6 +171,43 @@ def test_convert_keeps_outputs_and_gradients(factory, shape, fused_relu, fused_p
         fused = [m for m in converted.modules() if isinstance(m, (FusedBNReLU, FusedBNPReLU))]
         assert {round(float(m.running_var.sum()), 4) for m in fused} <= {
             round(float(m.running_var.sum()), 4) for m in bns}
+
+
+class SyncBlock(nn.Module):
+    """A SyncBatchNorm followed by a functional relu: fused by tracing."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.SyncBatchNorm(4)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_sync_batchnorm_becomes_the_synchronized_module(tmp_path, train):
+    """An nn.SyncBatchNorm -> act pair becomes FusedSyncBN<act> (never a FusedPreActConv2d) with its process group,
+    which the converted copy shares (a ProcessGroup cannot be copied). With one rank the fused module runs
+    unsynchronized: the same step as BatchNorm2d (nn.SyncBatchNorm itself trains on GPU tensors only)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        group = dist.new_group([0])
+        original = randomize_state(
+            nn.Sequential(nn.SyncBatchNorm(4, process_group=group), nn.PReLU(4), nn.Conv2d(4, 4, 3))).train(train)
+        converted = fusedrect.convert_model(original)
+        assert [type(m) for m in converted] == [fusedrect.FusedSyncBNPReLU, nn.Identity, nn.Conv2d]
+        assert converted[0].process_group is group and original[0].process_group is group
+        assert converted.fusedrect_report.fused == [("0", "1")]
+        plain = nn.Sequential(nn.BatchNorm2d(4), nn.PReLU(4), nn.Conv2d(4, 4, 3)).train(train)
+        plain.load_state_dict(original.state_dict())
+        assert_same_training_step(plain, converted, torch.randn(2, 4, 6, 6))
+        traced = fusedrect.convert_model(randomize_state(SyncBlock()).train(train))
+        assert type(traced.bn) is fusedrect.FusedSyncBNReLU and traced.bn.process_group is None
+        reverted = fusedrect.revert_model(converted)
+        assert type(reverted[0]) is nn.SyncBatchNorm and reverted[0].process_group is group
+    finally:
+        dist.destroy_process_group()
 
 
 def test_convert_keeps_dtype_and_reverts():
