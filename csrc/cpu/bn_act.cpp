@@ -118,9 +118,8 @@ void batch_stats(const Geometry& geo, const scalar_t* x, const Store& store) {
     T* tile_mean = local_mean + tile.g * C;
     T* tile_m2 = local_m2 + tile.g * C;
     T* tile_dsum = local_dsum + tile.g * C;
-    reduce_tile<scalar_t, 0, 1, 1>(geo, tile, {x}, {}, {tile_mean}, [](const auto&, const auto& X) {
-      return std::array<Vec, 1>{X[0]};
-    });
+    reduce_tile<scalar_t, 0, 1, 1>(geo, tile, {x}, {}, {tile_mean},
+                                   [](const auto&, const auto& X) { return std::array<Vec, 1>{X[0]}; });
     const T inv_count = T(1) / T(tile.count());
     for (int64_t c = tile.c0; c < tile.c1; ++c) tile_mean[c] *= inv_count;
     reduce_tile<scalar_t, 1, 1, 2>(geo, tile, {x}, {tile_mean}, {tile_m2, tile_dsum},

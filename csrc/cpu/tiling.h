@@ -31,8 +31,6 @@ inline constexpr int64_t kTileElems = 16384;
 inline constexpr int64_t kChannelBlock = 1024;  // channels-last tiles: at most this many channels
 inline constexpr int64_t kMinChannelElems = 256;  // NCHW tiles: elements per channel (N allowing)
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 struct Tile {
   int64_t g;       // row of the (G, C) partial buffers
   int64_t n0, n1;  // samples (NCHW) or rows (channels-last)
@@ -47,6 +45,8 @@ struct Tiling {
   int64_t n_blocks, c_blocks, s_blocks;  // tiles along each extent
   int64_t groups() const { return n_blocks * s_blocks; }  // G
 };
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline Tiling tiling_of(const Geometry& geo) {
   const int64_t C = std::max<int64_t>(geo.C, 1);

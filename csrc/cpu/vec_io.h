@@ -55,19 +55,17 @@ inline void store(scalar_t* p, const MathVec<scalar_t>& v, int64_t n) {
   }
 }
 
-// Lane-wise select on the sign of v: v > 0 (kPositive), v <= 0 (kNotPositive) or v == 0 (kZero) ? a : b; a NaN
-// lane tests false. On AVX-512 a compare into a mask register and one masked blend: at::vec's comparison
-// operators return all-ones lanes that blendv turns back into a mask, two instructions more per select.
-enum class SignTest { kPositive, kNotPositive, kZero };
+// Lane-wise select on the sign of v: v > 0 (kPositive) or v <= 0 (kNotPositive) ? a : b; a NaN lane tests
+// false. On AVX-512 a compare into a mask register and one masked blend: at::vec's comparison operators return
+// all-ones lanes that blendv turns back into a mask, two instructions more per select.
+enum class SignTest { kPositive, kNotPositive };
 
 template <SignTest kTest, typename T>
 inline at::vec::Vectorized<T> where(const at::vec::Vectorized<T>& v, const at::vec::Vectorized<T>& a,
                                     const at::vec::Vectorized<T>& b) {
   using Vec = at::vec::Vectorized<T>;
 #ifdef CPU_CAPABILITY_AVX512
-  constexpr int kPredicate = kTest == SignTest::kPositive      ? _CMP_GT_OQ
-                             : kTest == SignTest::kNotPositive ? _CMP_LE_OQ
-                                                               : _CMP_EQ_OQ;
+  constexpr int kPredicate = kTest == SignTest::kPositive ? _CMP_GT_OQ : _CMP_LE_OQ;
   if constexpr (std::is_same_v<T, float>) {
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), kPredicate), b, a);
   } else if constexpr (std::is_same_v<T, double>) {
@@ -77,10 +75,8 @@ inline at::vec::Vectorized<T> where(const at::vec::Vectorized<T>& v, const at::v
   const Vec zero(T(0));
   if constexpr (kTest == SignTest::kPositive) {
     return Vec::blendv(b, a, v > zero);
-  } else if constexpr (kTest == SignTest::kNotPositive) {
-    return Vec::blendv(b, a, v <= zero);
   } else {
-    return Vec::blendv(b, a, v == zero);
+    return Vec::blendv(b, a, v <= zero);
   }
 }
 
