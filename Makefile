@@ -22,12 +22,14 @@ test: build
 
 DEVICE = $(shell $(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null)
 
-# The main job: pre-activation units and ResNet training steps, then the BatchNorm + PReLU/ReLU layers.
+# The main job: pre-activation units and ResNet training steps, then the BatchNorm + PReLU/ReLU layers; on a
+# CPU, then the training loops with the CPU ops' buffer cache on and off.
 bench: build
 	$(PY) benchmarks/bench_preact.py --json benchmarks/results/preact_$(DEVICE).json \
 		--plot benchmarks/results/preact_$(DEVICE).png
 	$(PY) benchmarks/bench_bn_prelu.py --json benchmarks/results/bn_prelu_$(DEVICE).json \
 		--plot benchmarks/results/bn_prelu_$(DEVICE).png
+	$(if $(filter cpu,$(DEVICE)),$(PY) benchmarks/bench_buffer_cache.py --json benchmarks/results/buffer_cache_cpu.json)
 
 # The experiments that reproduce the papers' claims: figures and JSON in docs/figures/ (a few minutes each).
 experiments: build

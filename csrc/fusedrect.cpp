@@ -5,13 +5,16 @@
 // present only in a build with CUDA); that of the pre-activation convolution ops is fusedrect/ops/preact_conv.py.
 // The forward ops' autograd is C++ (autograd.cpp), the running-statistics update a composite of ATen ops
 // (running_stats.cpp); fake (meta) implementations, and the backward ops' autograd (which raises on a second
-// order gradient), are registered in Python next to each op (fusedrect/ops/).
+// order gradient), are registered in Python next to each op (fusedrect/ops/). fusedrect._C.buffer_cache controls
+// the CPU ops' cache of output buffers (cpu/buffer_cache.h), wrapped by fusedrect/buffer_cache.py.
 //
 // Activation: a `slope` (shape (1,) or (C,)) makes the op BatchNorm + PReLU; no slope makes it
 // BatchNorm + ReLU. Statistics (mean, invstd) and per-channel gradients are fp64 for fp64 input and fp32
 // otherwise.
 #include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
+
+#include "cpu/buffer_cache.h"
 
 #ifdef FUSEDRECT_WITH_CUDA
 #include "cuda/bn_act.h"
@@ -77,6 +80,17 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "fusedrect's compiled ops.";
   // What this build holds: the at::vec instruction set of the CPU kernels, the CUDA runtime (0: none).
   m.attr("cpu_capability") = FUSEDRECT_STR(CPU_CAPABILITY);
+  namespace fcpu = fusedrect::cpu;
+  auto cache = m.def_submodule("buffer_cache", "The cache of recycled output buffers of the CPU ops "
+                                               "(csrc/cpu/buffer_cache.h); wrapped by fusedrect.buffer_cache.");
+  cache.def("stats", [] {
+    const fcpu::BufferCacheStats s = fcpu::buffer_cache_stats();
+    return pybind11::dict(pybind11::arg("limit_bytes") = s.limit_bytes, pybind11::arg("idle_bytes") = s.idle_bytes,
+                          pybind11::arg("idle_buffers") = s.idle_buffers, pybind11::arg("hits") = s.hits,
+                          pybind11::arg("misses") = s.misses);
+  });
+  cache.def("set_limit", &fcpu::set_buffer_cache_limit);
+  cache.def("empty", &fcpu::empty_buffer_cache);
 #ifdef FUSEDRECT_WITH_CUDA
   m.attr("cuda_runtime_version") = fusedrect::cuda::runtime_version();
   namespace fc = fusedrect::cuda;

@@ -41,3 +41,17 @@ def test_preact_benchmark_units_and_network(tmp_path):
     assert all(r["median_ms"] > 0 and r["saved_bytes"] > 0 for r in records)
     saved = {(r["part"], r["provider"], r.get("kernel")): r["saved_bytes"] for r in records}
     assert saved[("network", "fusedrect", None)] < saved[("network", "eager", None)]
+
+
+def test_buffer_cache_benchmark_runs_each_loop_in_every_setting(tmp_path):
+    result = run_benchmark("bench_buffer_cache.py", "--shapes", "4x64x32x32", "--depth", "20", "--batch", "2",
+                           tmp_path=tmp_path)
+    records = result["records"]
+    assert sorted((r["part"], r["provider"], r.get("memory_format"), r["buffer_cache"]) for r in records) == sorted(
+        [("layer", "fusedrect", f, s) for f in ("nchw", "channels_last") for s in ("on", "off", "on+glibc")]
+        + [("network", p, None, s) for p in ("eager", "fusedrect") for s in ("on", "off", "on+glibc")])
+    for r in records:
+        assert r["median_ms"] > 0 and r["faults_per_step"] >= 0
+        if r["part"] == "layer":  # a 1 MiB layer: its outputs come from the cache where it is on
+            on = r["buffer_cache"] != "off"
+            assert (r["cache"]["limit_bytes"] > 0) == on and (r["cache"]["hits"] > 0) == on

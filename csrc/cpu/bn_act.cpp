@@ -18,6 +18,7 @@
 #include <tuple>
 
 #include "bn_act.h"
+#include "buffer_cache.h"
 #include "tiling.h"
 
 namespace fusedrect::cpu {
@@ -272,7 +273,7 @@ Tensor grad_input(const Geometry& geo, const Tensor& grad_out, const Tensor& inp
   using Vec = MathVec<scalar_t>;
   const scalar_t* x = input.const_data_ptr<scalar_t>();
   const scalar_t* dy = grad_out.const_data_ptr<scalar_t>();
-  Tensor grad = dx_out.defined() ? dx_out : at::empty_like(input);
+  Tensor grad = dx_out.defined() ? dx_out : empty_like_recycled(input);
   scalar_t* dx = grad.mutable_data_ptr<scalar_t>();
   auto run = [&](auto with_batch_terms) {
     constexpr bool kBatchTerms = decltype(with_batch_terms)::value;
@@ -360,7 +361,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_fwd_train(const Tensor& input, const s
   const auto sdtype = stats_dtype(input);
   const int64_t C = geo.C;
   ChannelArgs args(C, sdtype, std::nullopt, std::nullopt, weight, bias, slope);
-  Tensor out = at::empty_like(input);
+  Tensor out = empty_like_recycled(input);
   if (geo.per_channel() == 0) {  // an empty batch: mean 0, var 0 (never used to update running statistics)
     return {out, at::zeros({C}, input.options().dtype(sdtype)),
             at::full({C}, 1.0 / std::sqrt(eps), input.options().dtype(sdtype))};
@@ -389,7 +390,7 @@ Tensor bn_act_fwd_eval(const Tensor& input, const Tensor& mean, const Tensor& in
   const Geometry geo = checked_geometry(input, "input");
   const int64_t C = geo.C;
   const ChannelArgs args(C, stats_dtype(input), mean, invstd, weight, bias, slope);
-  Tensor out = at::empty_like(input);
+  Tensor out = empty_like_recycled(input);
   if (out.numel() == 0) return out;
   dispatch(input, args.slope.defined(), [&](auto scalar, auto prelu) {
     using scalar_t = decltype(scalar);

@@ -50,6 +50,12 @@ def cuda_module():
     return getattr(_C, "cuda", None)
 
 
+def buffer_cache_module():
+    """``fusedrect._C.buffer_cache``, the CPU ops' cache of output buffers (fusedrect.buffer_cache); None where
+    _C is missing."""
+    return getattr(_C, "buffer_cache", None)
+
+
 @functools.cache
 def triton_importable():
     return importlib.util.find_spec("triton") is not None
