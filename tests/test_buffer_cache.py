@@ -136,6 +136,25 @@ def test_an_output_freed_on_another_thread_returns_to_the_cache():
     assert stats()["idle_buffers"] == 1
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_takes_and_returns_buffers():
+    outputs = [eval_op(torch.randn(SHAPE))]
+    outputs.clear()
+    pid = os.fork()
+    if pid == 0:  # the child: only os._exit leaves it, with 0 where its buffer came from the inherited cache
+        code = 1
+        try:
+            torch.set_num_threads(1)  # the parent's OpenMP threads are not in the child
+            hits = stats()["hits"]
+            y = eval_op(torch.randn(SHAPE))
+            del y
+            code = 0 if stats()["hits"] == hits + 1 and stats()["idle_buffers"] == 1 else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 @pytest.mark.parametrize("value, error", [(-1, ValueError), (1.5, TypeError), (True, TypeError)])
 def test_a_bad_limit_is_rejected(value, error):
     with pytest.raises(error, match="nbytes"):

@@ -6,6 +6,10 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/util/Exception.h>
 
+#ifndef _WIN32
+#include <pthread.h>
+#endif
+
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -32,6 +36,14 @@ class BufferCache {
   static BufferCache& instance() {
     static auto* cache = new BufferCache();
     return *cache;
+  }
+
+  BufferCache() {
+#ifndef _WIN32
+    // A child forked while another thread held the lock could never take it: fork() holds it instead.
+    pthread_atfork([] { instance().mutex_.lock(); }, [] { instance().mutex_.unlock(); },
+                   [] { instance().mutex_.unlock(); });
+#endif
   }
 
   std::unique_ptr<Buffer> take(size_t bytes) {
