@@ -20,8 +20,10 @@ ENV_VAR = "FUSEDRECT_BUFFER_CACHE_MB"
 
 def buffer_cache_info():
     """``dict(limit_bytes, idle_bytes, idle_buffers, hits, misses)``: the limit, the idle buffers held now, and
-    the requests of 128 KiB or more served from the cache or by the allocator since the process started. All
-    zero where the extension is not built (nothing is cached)."""
+    the requests of 128 KiB or more (a recycled output's growth by ``resize_`` included) served from the cache or
+    by the allocator since the process started. All zero where the extension is not built (nothing is cached).
+    Idle buffers count as allocated for PyTorch's CPU memory profiler, and a request served from the cache shows
+    no allocation there."""
     cache = _backend.buffer_cache_module()
     if cache is None:
         return {"limit_bytes": 0, "idle_bytes": 0, "idle_buffers": 0, "hits": 0, "misses": 0}
@@ -32,8 +34,8 @@ def set_buffer_cache_limit(nbytes):
     """Keep at most ``nbytes`` idle bytes (0: none), freeing the oldest idle buffers beyond it now."""
     if not isinstance(nbytes, numbers.Integral) or isinstance(nbytes, bool):
         raise TypeError(f"nbytes: expected an int, got {type(nbytes).__name__}")
-    if nbytes < 0:
-        raise ValueError(f"nbytes: expected a non-negative number of bytes, got {nbytes}")
+    if not 0 <= nbytes < 2**63:
+        raise ValueError(f"nbytes: expected a number of bytes from 0 to 2**63 - 1, got {nbytes}")
     cache = _backend.buffer_cache_module()
     if cache is not None:
         cache.set_limit(int(nbytes))
@@ -54,8 +56,8 @@ def _limit_from_environment():
         mib = int(value)
     except ValueError:
         mib = -1
-    if mib < 0:
-        raise ValueError(f"{ENV_VAR}: expected a non-negative whole number of MiB, got {value!r}")
+    if not 0 <= mib < 2**43:
+        raise ValueError(f"{ENV_VAR}: expected a whole number of MiB from 0 to 2**43 - 1, got {value!r}")
     set_buffer_cache_limit(mib << 20)
 
 

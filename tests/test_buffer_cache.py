@@ -128,6 +128,18 @@ def test_a_recycled_output_resizes_like_any_tensor():
     assert stats()["idle_bytes"] == 6 * MIB and stats()["idle_buffers"] == 2
 
 
+@pytest.mark.skipif(not hasattr(torch, "_lazy_clone"), reason="needs torch._lazy_clone")
+def test_a_recycled_output_can_be_cloned_lazily():
+    """Copy-on-write (torch._lazy_clone) wraps the cache's context like the default allocator's."""
+    y = eval_op(torch.randn(SHAPE))
+    expected = y.clone()
+    lazy = torch._lazy_clone(y)
+    y.add_(1)  # the write copies: the clone keeps the old values
+    torch.testing.assert_close(lazy, expected, rtol=0, atol=0)
+    del y, lazy
+    assert stats()["idle_buffers"] >= 1
+
+
 def test_an_output_freed_on_another_thread_returns_to_the_cache():
     outputs = [eval_op(torch.randn(SHAPE))]
     thread = threading.Thread(target=outputs.clear)
@@ -155,19 +167,20 @@ def test_a_forked_child_takes_and_returns_buffers():
     assert os.waitstatus_to_exitcode(status) == 0
 
 
-@pytest.mark.parametrize("value, error", [(-1, ValueError), (1.5, TypeError), (True, TypeError)])
+@pytest.mark.parametrize("value, error", [(-1, ValueError), (2**63, ValueError), (1.5, TypeError), (True, TypeError)])
 def test_a_bad_limit_is_rejected(value, error):
     with pytest.raises(error, match="nbytes"):
         fusedrect.set_buffer_cache_limit(value)
 
 
-@pytest.mark.parametrize("value, limit", [("0", 0), ("3", 3 * MIB), ("lots", None), ("-2", None)])
+@pytest.mark.parametrize("value, limit",
+                         [("0", 0), ("3", 3 * MIB), ("lots", None), ("-2", None), (str(2**43), None)])
 def test_the_limit_comes_from_the_environment(value, limit):
     script = "import fusedrect; print(fusedrect.buffer_cache_info()['limit_bytes'])"
     env = {**os.environ, "FUSEDRECT_BUFFER_CACHE_MB": value}
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     if limit is None:
-        assert run.returncode != 0 and "FUSEDRECT_BUFFER_CACHE_MB: expected a non-negative whole number" in run.stderr
+        assert run.returncode != 0 and "FUSEDRECT_BUFFER_CACHE_MB: expected a whole number of MiB" in run.stderr
     else:
         assert run.returncode == 0, run.stderr
         assert int(run.stdout) == limit

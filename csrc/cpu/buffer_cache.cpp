@@ -12,7 +12,6 @@
 
 #include <memory>
 #include <mutex>
-#include <vector>
 
 namespace fusedrect::cpu {
 namespace {
@@ -21,15 +20,27 @@ constexpr size_t kMinBytes = size_t(128) << 10;  // glibc's default mmap thresho
 constexpr size_t kSizeClass = 4096;               // a page
 constexpr int64_t kDefaultLimit = int64_t(512) << 20;
 
-// Memory from the CPU allocator (its DataPtr frees it) and the size class it serves.
+// Memory from the CPU allocator (its DataPtr frees it), the size class it serves and, while it is idle, its
+// neighbours in the cache's list.
 struct Buffer {
   c10::DataPtr memory;
   size_t bytes;
+  Buffer* older = nullptr;
+  Buffer* newer = nullptr;
 };
 
-// Idle buffers in the order they were freed. A request takes the most recently freed buffer of its size class;
-// past the limit the oldest go back to the allocator. Few buffers are idle at once (a handful per layer), so a
-// linear scan is cheap next to the pass that fills the buffer.
+// Frees a chain of buffers linked through `older` (outside the cache's lock).
+void free_chain(Buffer* chain) {
+  while (chain != nullptr) {
+    std::unique_ptr<Buffer> buffer(chain);
+    chain = chain->older;
+  }
+}
+
+// Idle buffers in a list in the order they were freed (intrusive: giving a buffer back, which runs in a DataPtr
+// deleter, allocates nothing). A request takes the most recently freed buffer of its size class; past the limit
+// the oldest go back to the allocator. Few buffers are idle at once (a few per layer), so a linear scan is
+// cheap next to the pass that fills the buffer.
 class BufferCache {
  public:
   // Never destroyed: tensors can be freed during interpreter teardown, after static destructors ran.
@@ -48,13 +59,11 @@ class BufferCache {
 
   std::unique_ptr<Buffer> take(size_t bytes) {
     const std::lock_guard<std::mutex> lock(mutex_);
-    for (auto it = idle_.rbegin(); it != idle_.rend(); ++it) {
-      if ((*it)->bytes == bytes) {
-        std::unique_ptr<Buffer> buffer = std::move(*it);
-        idle_.erase(std::next(it).base());
-        idle_bytes_ -= int64_t(bytes);
+    for (Buffer* b = newest_; b != nullptr; b = b->older) {
+      if (b->bytes == bytes) {
+        unlink(b);
         ++hits_;
-        return buffer;
+        return std::unique_ptr<Buffer>(b);
       }
     }
     ++misses_;
@@ -62,54 +71,75 @@ class BufferCache {
   }
 
   void give(std::unique_ptr<Buffer> buffer) {
-    std::vector<std::unique_ptr<Buffer>> evicted;  // freed after the lock is released
+    Buffer* evicted = nullptr;
     {
       const std::lock_guard<std::mutex> lock(mutex_);
       if (int64_t(buffer->bytes) > limit_) {  // would evict everything else and then itself
-        evicted.push_back(std::move(buffer));
-        return;
+        evicted = buffer.release();
+        evicted->older = nullptr;
+      } else {
+        Buffer* b = buffer.release();
+        b->older = newest_;
+        b->newer = nullptr;
+        (newest_ != nullptr ? newest_->newer : oldest_) = b;
+        newest_ = b;
+        idle_bytes_ += int64_t(b->bytes);
+        ++idle_buffers_;
+        evicted = evict_to(limit_);
       }
-      idle_bytes_ += int64_t(buffer->bytes);
-      idle_.push_back(std::move(buffer));
-      evict_to(limit_, evicted);
     }
+    free_chain(evicted);
   }
 
   void set_limit(int64_t bytes) {
-    std::vector<std::unique_ptr<Buffer>> evicted;
+    Buffer* evicted = nullptr;
     {
       const std::lock_guard<std::mutex> lock(mutex_);
       limit_ = bytes;
-      evict_to(limit_, evicted);
+      evicted = evict_to(limit_);
     }
+    free_chain(evicted);
   }
 
   void empty() {
-    std::vector<std::unique_ptr<Buffer>> evicted;
+    Buffer* evicted = nullptr;
     {
       const std::lock_guard<std::mutex> lock(mutex_);
-      evict_to(0, evicted);
+      evicted = evict_to(0);
     }
+    free_chain(evicted);
   }
 
   BufferCacheStats stats() {
     const std::lock_guard<std::mutex> lock(mutex_);
-    return {limit_, idle_bytes_, int64_t(idle_.size()), hits_, misses_};
+    return {limit_, idle_bytes_, idle_buffers_, hits_, misses_};
   }
 
  private:
-  void evict_to(int64_t limit, std::vector<std::unique_ptr<Buffer>>& evicted) {
-    size_t n = 0;
+  void unlink(Buffer* b) {
+    (b->older != nullptr ? b->older->newer : oldest_) = b->newer;
+    (b->newer != nullptr ? b->newer->older : newest_) = b->older;
+    idle_bytes_ -= int64_t(b->bytes);
+    --idle_buffers_;
+  }
+
+  // Unlinks the oldest buffers until at most `limit` bytes are idle; returns them chained through `older`.
+  Buffer* evict_to(int64_t limit) {
+    Buffer* chain = nullptr;
     while (idle_bytes_ > limit) {
-      idle_bytes_ -= int64_t(idle_[n]->bytes);
-      evicted.push_back(std::move(idle_[n++]));
+      Buffer* b = oldest_;
+      unlink(b);
+      b->older = chain;
+      chain = b;
     }
-    idle_.erase(idle_.begin(), idle_.begin() + n);
+    return chain;
   }
 
   std::mutex mutex_;
-  std::vector<std::unique_ptr<Buffer>> idle_;
+  Buffer* oldest_ = nullptr;
+  Buffer* newest_ = nullptr;
   int64_t idle_bytes_ = 0;
+  int64_t idle_buffers_ = 0;
   int64_t limit_ = kDefaultLimit;
   int64_t hits_ = 0, misses_ = 0;
 };
@@ -127,6 +157,11 @@ class RecyclingAllocator final : public c10::Allocator {
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);
+  }
+
+  // A Buffer context is this allocator's ordinary one, so copy-on-write (torch._lazy_clone) may wrap it.
+  bool is_simple_data_ptr(const c10::DataPtr& data_ptr) const override {
+    return data_ptr.get_deleter() == &release || data_ptr.get() == data_ptr.get_context();
   }
 
  private:

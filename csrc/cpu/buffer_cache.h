@@ -22,7 +22,8 @@ struct BufferCacheStats {
   int64_t limit_bytes;   // idle bytes kept at most; 0: nothing is kept
   int64_t idle_bytes;    // held now, waiting for a request
   int64_t idle_buffers;
-  int64_t hits, misses;  // requests served from the cache / by the allocator, since the process started
+  int64_t hits, misses;  // requests of kMinBytes or more (a storage's growth by resize_ included) served from the
+                         // cache / by the allocator, since the process started (a forked child inherits them)
 };
 
 BufferCacheStats buffer_cache_stats();
