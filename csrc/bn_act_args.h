@@ -80,6 +80,7 @@ inline at::Tensor per_channel(const std::optional<at::Tensor>& p, int64_t C, at:
   if (!p.has_value() || !p->defined()) return at::Tensor();
   TORCH_CHECK(p->dim() == 1 && (p->numel() == C || (shared_ok && p->numel() == 1)), name, ": expected shape (",
               C, shared_ok ? ",) or (1,)" : ",)", ", got ", p->sizes());
+  if (p->scalar_type() == dtype && p->is_contiguous()) return *p;  // the usual case: skips two dispatcher calls
   return p->to(dtype).contiguous();
 }
 
