@@ -174,11 +174,12 @@ def _validate(input, running_mean, running_var, weight, bias, slope, training, m
         raise TypeError(f"input: expected a float16, bfloat16, float32 or float64 tensor, got {input.dtype}")
     if input.dim() < 2:
         raise ValueError(f"input: expected at least 2 dims (N, C, ...), got shape {tuple(input.shape)}")
-    channels = input.shape[1]
+    channels, device = input.shape[1], input.device
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
-        _check_per_channel(name, t, input, (channels,))
+        if t is not None:
+            _check_per_channel(name, t, channels, device)
     if slope is not None:
-        _check_per_channel("slope", slope, input, (1,), (channels,))
+        _check_per_channel("slope", slope, channels, device, shared=True)
     if not isinstance(eps, numbers.Real) or not eps >= 0:
         raise ValueError(f"eps: expected a non-negative number, got {eps!r}")
     if training and eps == 0:
@@ -195,20 +196,18 @@ def _validate(input, running_mean, running_var, weight, bias, slope, training, m
             )
 
 
-def _check_per_channel(name, t, input, *shapes):
-    if t is None:
-        return
+def _check_per_channel(name, t, channels, device, shared=False):
+    """``t`` of shape (channels,), or (1,) where ``shared``, on ``device``."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
     if not t.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
-    if t.shape not in shapes:
-        expected = " or ".join(str(s) for s in shapes)
-        raise ValueError(
-            f"{name}: expected shape {expected} for input with {input.shape[1]} channels, got {tuple(t.shape)}"
-        )
-    if t.device != input.device:
-        raise ValueError(f"{name}: expected a tensor on {input.device} (the input's device), got {t.device}")
+    shape = t.shape
+    if len(shape) != 1 or not (shape[0] == channels or (shared and shape[0] == 1)):
+        expected = f"(1,) or ({channels},)" if shared else f"({channels},)"
+        raise ValueError(f"{name}: expected shape {expected} for input with {channels} channels, got {tuple(shape)}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (the input's device), got {t.device}")
 
 
 def _pair(name, value, minimum):
