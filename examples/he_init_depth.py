@@ -90,8 +90,9 @@ def main():
                 torch.manual_seed(args.seed)
                 model = PlainNet(depth, activation, init)
                 losses = train(model, train_data, steps, lr=0.01, seed=args.seed)
-                results["runs"][name] = {"loss": losses, "test_accuracy": accuracy(model, test_data)}
-                print(f"{name}: final loss {smooth(losses)[-1]:.3f}, test accuracy {results['runs'][name]['test_accuracy']:.3f}")
+                test_accuracy = accuracy(model, test_data)
+                results["runs"][name] = {"loss": losses, "test_accuracy": test_accuracy}
+                print(f"{name}: final loss {smooth(losses)[-1]:.3f}, test accuracy {test_accuracy:.3f}")
     depth = depths[0]
     torch.manual_seed(args.seed)
     model = PlainNet(depth, "relu", "xavier", aux=True)

@@ -64,7 +64,8 @@ def emulated():
         write_if_changed(target, text)
         if path.parent.name == "cuda" and path.suffix in (".cu", ".cpp"):
             sources.append(str(target))
-    assert all(matched), f"rewrites that no longer match csrc: {[REWRITES[i][0] for i, m in enumerate(matched) if not m]}"
+    stale = [REWRITES[i][0] for i, m in enumerate(matched) if not m]
+    assert not stale, f"rewrites that no longer match csrc: {stale}"
     write_if_changed(build / "binding.cpp", BINDING)
     write_if_changed(build / "emu.h", EMU_H.read_text())
     return cpp_extension.load(

@@ -30,7 +30,8 @@ def call(x=None, running_mean=None, running_var=None, weight=None, bias=None, sl
         ({"training": False}, ValueError, "running_mean and running_var are required when training=False"),
         ({"eps": -1.0}, ValueError, "eps: expected a non-negative number"),
         ({"momentum": float("nan")}, ValueError, "momentum: expected a finite number"),
-        ({"backend": "cuda-ish"}, ValueError, r"backend: expected one of \('auto', 'cpp', 'triton', 'cuda', 'reference'\)"),
+        ({"backend": "cuda-ish"}, ValueError,
+         r"backend: expected one of \('auto', 'cpp', 'triton', 'cuda', 'reference'\)"),
     ],
 )
 def test_functional_rejects(kwargs, error, match):
