@@ -70,14 +70,11 @@ class _FusedBNAct(nn.Module):
                 f"input: expected shape (N, {self.num_features}, ...) for {type(self).__name__}"
                 f"({self.num_features}), got {tuple(input.shape)}"
             )
-        # Parameters and buffers read from their dicts once: each `self.<name>` goes through
-        # nn.Module.__getattr__ (~0.5 us apiece, a fifth of a small layer's eval).
-        params, buffers = self._parameters, self._buffers
-        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        running_mean, running_var = self._tensor("running_mean"), self._tensor("running_var")
         # As nn.BatchNorm: momentum=None is a cumulative moving average over the batches tracked (kept a
         # tensor: reading the count back to Python would synchronise, and break torch.compile graphs).
         factor = 0.0 if self.momentum is None else self.momentum
-        tracked = buffers["num_batches_tracked"]
+        tracked = self._tensor("num_batches_tracked")
         if self.training and self.track_running_stats and tracked is not None:
             tracked.add_(1)
             if self.momentum is None:
@@ -88,8 +85,8 @@ class _FusedBNAct(nn.Module):
             input,
             running_mean if keep_running else None,
             running_var if keep_running else None,
-            params["weight"],
-            params["bias"],
+            self._tensor("weight"),
+            self._tensor("bias"),
             *extra,
             training=use_batch_stats,
             momentum=factor,
@@ -97,6 +94,15 @@ class _FusedBNAct(nn.Module):
             backend=self.backend,
             **options,
         )
+
+    def _tensor(self, name):
+        """``self.<name>`` for a parameter or buffer, read from its dict where it is there: nn.Module.__getattr__
+        costs ~0.5 us per name, a fifth of a small layer's eval. Attribute access otherwise (a parametrized
+        tensor, torch.nn.utils.parametrize's, is a property of the module's class)."""
+        for table in (self._parameters, self._buffers):
+            if name in table:
+                return table[name]
+        return getattr(self, name)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -174,7 +180,7 @@ class FusedBNPReLU(_FusedBNAct):
         nn.init.constant_(self.slope, self.init)
 
     def forward(self, input):
-        return self._apply_fused(input, functional.bn_prelu, self._parameters["slope"],
+        return self._apply_fused(input, functional.bn_prelu, self._tensor("slope"),
                                  memory_efficient=self.memory_efficient)
 
     def extra_repr(self):

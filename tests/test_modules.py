@@ -181,6 +181,28 @@ def test_module_attributes_match_batchnorm():
     assert repr(layer).startswith("FusedBNPReLU(8, eps=1e-05, momentum=0.1, affine=True")
 
 
+@pytest.mark.parametrize("name", ["weight", "bias", "slope"])
+def test_parametrized_parameters_are_used(name):
+    """torch.nn.utils.parametrize moves a parameter out of the module's dict into a property of its class: the
+    forward reads the parametrized value, and the gradient reaches the original."""
+    class Negated(nn.Module):
+        def forward(self, t):
+            return -t
+
+    layer = fusedrect.FusedBNPReLU(4, dtype=torch.float64)
+    plain = copy.deepcopy(layer)
+    with torch.no_grad():
+        getattr(plain, name).neg_()
+    torch.nn.utils.parametrize.register_parametrization(layer, name, Negated())
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    y = layer(x)
+    torch.testing.assert_close(y, plain(x))
+    y.sum().backward()
+    plain(x).sum().backward()
+    original = getattr(layer.parametrizations, name).original
+    torch.testing.assert_close(original.grad, -getattr(plain, name).grad)
+
+
 def test_state_dict_without_num_batches_tracked_loads():
     """Old checkpoints (state_dict version 1) load as into nn.BatchNorm2d."""
     layer = fusedrect.FusedBNReLU(3)
