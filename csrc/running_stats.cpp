@@ -5,12 +5,16 @@
 // ground truth of both, bit for bit.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <optional>
+#include <vector>
 
 namespace fusedrect {
 namespace {
@@ -45,24 +49,40 @@ T lerp(T start, T end, T weight) {
                                    : std::fma(weight - T(1), end - start, end);
 }
 
-bool contiguous_cpu(const Tensor& t, int64_t numel) {
-  return t.device().is_cpu() && t.is_contiguous() && t.numel() == numel;
+bool vector_cpu(const Tensor& t, int64_t numel) {
+  return t.device().is_cpu() && t.dim() == 1 && t.is_contiguous() && t.numel() == numel;
 }
 
-// The composite's arithmetic, rounding step by rounding step: the unbiased variance in the statistics dtype
-// (as pow(-2), sub_, clamp_min_ and mul_ round it), each batch value cast to the buffer's dtype (.to), then lerp
-// with the momentum as the composite passes it (a Scalar, or a tensor cast to the buffer's dtype).
+// Whether no two of `tensors` (the undefined ones skipped) share memory.
+bool disjoint(std::initializer_list<const Tensor*> tensors) {
+  for (auto a = tensors.begin(); a != tensors.end(); ++a) {
+    for (auto b = std::next(a); b != tensors.end(); ++b) {
+      if ((*a)->defined() && (*b)->defined() && at::get_overlap_status(**a, **b) != at::MemOverlapStatus::No) {
+        return false;
+      }
+    }
+  }
+  return true;
+}
+
+// The composite's arithmetic, rounding step by rounding step (bit for bit): the unbiased variance in the
+// statistics dtype (as pow(-2), sub_, clamp_min_ and mul_ round it) stored before it is blended, so that the
+// compiler cannot fuse its last multiply into lerp's subtraction; each batch value cast to the buffer's dtype
+// (.to); lerp with the momentum as the composite passes it (a Scalar, or a tensor cast to the buffer's dtype).
+// Writing through pointers, it bumps the buffers' version counters itself, as lerp_ does.
 void bn_update_running_stats_cpu(const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
                                  const Tensor& mean, const Tensor& invstd, double eps, int64_t count,
                                  double momentum, const std::optional<Tensor>& momentum_tensor) {
   const int64_t C = mean.numel();
   const bool has_tensor = momentum_tensor.has_value() && momentum_tensor->defined();
-  const auto plain = [&](const std::optional<Tensor>& t) {
-    return !t.has_value() || !t->defined() || contiguous_cpu(*t, C);
-  };
-  if (count == 0 || !contiguous_cpu(mean, C) || !contiguous_cpu(invstd, C) || invstd.dtype() != mean.dtype() ||
-      !(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble) || !plain(running_mean) ||
-      !plain(running_var) || (has_tensor && !contiguous_cpu(*momentum_tensor, 1))) {
+  const Tensor rm = running_mean.value_or(Tensor());
+  const Tensor rv = running_var.value_or(Tensor());
+  const auto plain = [&](const Tensor& t) { return !t.defined() || vector_cpu(t, C); };
+  if (count == 0 || !vector_cpu(mean, C) || !vector_cpu(invstd, C) || invstd.dtype() != mean.dtype() ||
+      !(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble) || !plain(rm) || !plain(rv) ||
+      !disjoint({&rm, &rv, &mean, &invstd}) ||
+      (has_tensor && !(momentum_tensor->device().is_cpu() && momentum_tensor->numel() == 1 &&
+                       momentum_tensor->is_floating_point()))) {
     return bn_update_running_stats(running_mean, running_var, mean, invstd, eps, count, momentum, momentum_tensor);
   }
   TORCH_CHECK(count > 1, "count: expected more than 1 value per channel to update the running variance, got ",
@@ -70,23 +90,26 @@ void bn_update_running_stats_cpu(const std::optional<Tensor>& running_mean, cons
   const double weight = has_tensor ? momentum_tensor->item<double>() : momentum;
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bn_update_running_stats", [&] {
     using stat_t = scalar_t;
-    const stat_t* mu = mean.const_data_ptr<stat_t>();
-    const stat_t* istd = invstd.const_data_ptr<stat_t>();
-    const auto blend = [&](const std::optional<Tensor>& running, const auto& batch) {
-      if (!running.has_value() || !running->defined()) return;
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running->scalar_type(), "bn_update_running", [&] {
+    const auto blend = [&](const Tensor& running, const stat_t* batch) {
+      if (!running.defined()) return;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running.scalar_type(), "bn_update_running", [&] {
         using opmath_t = at::opmath_type<scalar_t>;
         const opmath_t w = has_tensor ? opmath_t(scalar_t(weight)) : opmath_t(weight);
-        scalar_t* r = running->mutable_data_ptr<scalar_t>();
-        for (int64_t c = 0; c < C; ++c) r[c] = scalar_t(lerp(opmath_t(r[c]), opmath_t(scalar_t(batch(c))), w));
+        scalar_t* r = running.mutable_data_ptr<scalar_t>();
+        for (int64_t c = 0; c < C; ++c) r[c] = scalar_t(lerp(opmath_t(r[c]), opmath_t(scalar_t(batch[c])), w));
       });
+      torch::autograd::impl::bump_version(running);
     };
-    const stat_t unbias = stat_t(double(count) / double(count - 1));
-    blend(running_mean, [&](int64_t c) { return mu[c]; });
-    blend(running_var, [&](int64_t c) {
-      const stat_t var = stat_t(1) / (istd[c] * istd[c]) - stat_t(eps);
-      return std::max(var, stat_t(0)) * unbias;
-    });
+    blend(rm, mean.const_data_ptr<stat_t>());
+    if (rv.defined()) {
+      const stat_t* istd = invstd.const_data_ptr<stat_t>();
+      const stat_t unbias = stat_t(double(count) / double(count - 1));
+      std::vector<stat_t> var(C);
+      for (int64_t c = 0; c < C; ++c) {
+        var[c] = std::max(stat_t(1) / (istd[c] * istd[c]) - stat_t(eps), stat_t(0)) * unbias;
+      }
+      blend(rv, var.data());
+    }
   });
 }
 

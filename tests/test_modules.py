@@ -203,6 +203,17 @@ def test_parametrized_parameters_are_used(name):
     torch.testing.assert_close(original.grad, -getattr(plain, name).grad)
 
 
+def test_running_statistics_update_is_seen_by_autograd():
+    """A buffer saved for another backward and then updated by a training forward makes that backward raise,
+    as with nn.BatchNorm2d: the update bumps the buffers' version counters."""
+    layer = fusedrect.FusedBNPReLU(5)
+    x = torch.randn(4, 5, 3, 3, requires_grad=True)
+    y = (x * layer.running_var.view(1, 5, 1, 1)).sum()
+    layer(torch.randn(4, 5, 3, 3))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
 def test_state_dict_without_num_batches_tracked_loads():
     """Old checkpoints (state_dict version 1) load as into nn.BatchNorm2d."""
     layer = fusedrect.FusedBNReLU(3)

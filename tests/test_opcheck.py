@@ -62,9 +62,9 @@ def running_stats_samples():
 
 @pytest.mark.parametrize("buffers, buffer_dtype, stats_dtype, momentum, C", list(running_stats_samples()))
 def test_update_running_stats(buffers, buffer_dtype, stats_dtype, momentum, C):
-    """The running-statistics op mutates exactly its buffers, as reference.update_running_stats does: on CPU
-    one loop whose lerp is fma-exact, where ATen's lerp_ may round its last step differently (one unit in the
-    last place at most)."""
+    """The running-statistics op mutates exactly its buffers, bit for bit as reference.update_running_stats
+    does (on CPU one loop over the channels, its lerp written as ATen's vectorised kernel computes it), and bumps
+    their version counters as lerp_ does."""
     count, eps = 12, 1e-5
     mean = torch.randn(C, dtype=stats_dtype)
     invstd = torch.rand(C, dtype=stats_dtype) + 0.5
@@ -82,13 +82,24 @@ def test_update_running_stats(buffers, buffer_dtype, stats_dtype, momentum, C):
     op(*ours, mean, invstd, eps, count, 0.0 if momentum == "tensor" else momentum,
        factor if momentum == "tensor" else None)
     reference.update_running_stats(*expected, mean, invstd, eps, count, factor)
-    ulp = torch.finfo(buffer_dtype).eps
     for a, b in zip(ours, expected):
         if b is not None:
-            torch.testing.assert_close(a, b, rtol=ulp, atol=ulp)
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+            assert a._version == b._version == 1
     torch.manual_seed(0)
     torch.library.opcheck(op.default, (*fresh(), mean, invstd, eps, count, 0.1, None))
     torch.library.opcheck(op.default, (*fresh(), mean, invstd, eps, count, 0.0, torch.tensor(0.5)))
+
+
+def test_update_running_stats_with_overlapping_arguments_as_the_reference():
+    """Buffers that overlap the statistics (here running_var and invstd, one element apart) take the
+    composite's path, which reads every statistic before it writes."""
+    buffer = torch.rand(6) + 0.5
+    ours, expected = buffer.clone(), buffer.clone()
+    mean = torch.randn(5)
+    torch.ops.fusedrect.bn_update_running_stats(None, ours[1:], mean, ours[:-1], 1e-5, 12, 0.1, None)
+    reference.update_running_stats(None, expected[1:], mean, expected[:-1], 1e-5, 12, 0.1)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)
 
 
 def test_update_running_stats_empty_batch_changes_nothing():
