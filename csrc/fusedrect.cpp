@@ -3,10 +3,11 @@
 // BatchNorm op is a Python router (fusedrect/ops/bn_act.py) that runs the Triton launchers or the CUDA C++
 // functions of csrc/cuda, which this module exposes as fusedrect._C.cuda.<op name> (same signature as the op;
 // present only in a build with CUDA); that of the pre-activation convolution ops is fusedrect/ops/preact_conv.py.
-// The forward ops' autograd is C++ (autograd.cpp), the running-statistics update a composite of ATen ops
-// (running_stats.cpp); fake (meta) implementations, and the backward ops' autograd (which raises on a second
-// order gradient), are registered in Python next to each op (fusedrect/ops/). fusedrect._C.buffer_cache controls
-// the CPU ops' cache of output buffers (cpu/buffer_cache.h), wrapped by fusedrect/buffer_cache.py.
+// The forward ops' autograd is C++ (autograd.cpp), the running-statistics update a composite of ATen ops with
+// a one-loop CPU kernel (running_stats.cpp); fake (meta) implementations, and the backward ops' autograd (which
+// raises on a second order gradient), are registered in Python next to each op (fusedrect/ops/).
+// fusedrect._C.buffer_cache controls the CPU ops' cache of output buffers (cpu/buffer_cache.h), wrapped by
+// fusedrect/buffer_cache.py.
 //
 // Activation: a `slope` (shape (1,) or (C,)) makes the op BatchNorm + PReLU; no slope makes it
 // BatchNorm + ReLU. Statistics (mean, invstd) and per-channel gradients are fp64 for fp64 input and fp32
