@@ -78,15 +78,14 @@ void bn_update_running_stats_cpu(const std::optional<Tensor>& running_mean, cons
   const Tensor rm = running_mean.value_or(Tensor());
   const Tensor rv = running_var.value_or(Tensor());
   const auto plain = [&](const Tensor& t) { return !t.defined() || vector_cpu(t, C); };
-  if (count == 0 || !vector_cpu(mean, C) || !vector_cpu(invstd, C) || invstd.dtype() != mean.dtype() ||
+  // The composite takes everything else, and counts of 1 or less (it returns on 0 and raises on the rest).
+  if (count <= 1 || !vector_cpu(mean, C) || !vector_cpu(invstd, C) || invstd.dtype() != mean.dtype() ||
       !(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble) || !plain(rm) || !plain(rv) ||
       !disjoint({&rm, &rv, &mean, &invstd}) ||
       (has_tensor && !(momentum_tensor->device().is_cpu() && momentum_tensor->numel() == 1 &&
                        momentum_tensor->is_floating_point()))) {
     return bn_update_running_stats(running_mean, running_var, mean, invstd, eps, count, momentum, momentum_tensor);
   }
-  TORCH_CHECK(count > 1, "count: expected more than 1 value per channel to update the running variance, got ",
-              count);
   const double weight = has_tensor ? momentum_tensor->item<double>() : momentum;
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bn_update_running_stats", [&] {
     using stat_t = scalar_t;
