@@ -1,5 +1,5 @@
 """The compiled ops against the float64 reference: forward, eval forward and backward, on awkward shapes
-(C = 1, 3, 33, 1000; 1x1 spatial; several tiles per channel), both layouts, fp32 and fp64, and low precision
+(C = 1, 3, 33, 1000, 1100; 1x1 spatial; several tiles per channel), both layouts, fp32 and fp64, and low precision
 judged by err(ours) <= 2 * err(PyTorch's own low-precision result) + atol."""
 import pytest
 import torch
@@ -18,7 +18,8 @@ AWKWARD_SHAPES = [
     (2, 3, 96, 96),  # several NCHW tiles per channel
     (8, 400, 7, 7),  # NCHW tiles of several samples and part of the channels, partial at both ends
     (8, 5, 40, 40),  # several channels-last row tiles
-    (1, 300, 8, 8),  # several channels-last channel blocks
+    (1, 300, 8, 8),  # channels-last row tiles of 54 and 10 rows: wide rows in groups of 4, one partial
+    (3, 1100, 5, 3),  # several channels-last channel blocks, 45 rows
 ]
 TOLERANCE = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-4)}
 

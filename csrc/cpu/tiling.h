@@ -3,12 +3,16 @@
 // The input is viewed as (N, C, S) in one of two native layouts (NCHW or channels-last, ../bn_act_args.h).
 // Work is cut into tiles of ~kTileElems elements, small enough to stay in L2 so a tile can be read twice
 // cheaply, each one or a few blocks of memory (elementwise passes walk them in address order, so the hardware
-// prefetcher streams them; reductions keep their sums in registers, walking an NCHW tile channel by channel and
-// a channels-last one in blocks of channel vectors down its rows: for_channel_blocks):
+// prefetcher streams them, except wide channels-last rows of 32/64-bit values, taken a few rows at a time;
+// reductions keep their sums in registers, walking an NCHW tile channel by channel and a channels-last one in
+// blocks of channel vectors down its rows: for_channel_blocks):
 //   NCHW           samples [n0, n1) x channels [c0, c1) x positions [s0, s1): whole planes when C * S is
 //                  small, runs of whole channels over a few samples when S is small (kMinChannelElems of each
 //                  channel where N allows, fewer in the last row of tiles), a piece of one run when S is large;
 //   channels-last  rows [r0, r1) x channels [c0, c1).
+// A channels-last walk that leaves address order (a reduction's several blocks, an elementwise pass's row
+// groups) prefetches the tile after its own in address order (NextTilePrefetch): the hardware prefetchers do
+// not follow such a walk, and the tile's first reads would wait on DRAM.
 // Tiles depend only on the shape, never on the thread count: a reduction writes one partial per (tile row g,
 // channel) into a (G, C) buffer and merges the G partials in a fixed order, so results are bitwise
 // reproducible.
@@ -30,6 +34,7 @@ namespace fusedrect::cpu {
 inline constexpr int64_t kTileElems = 16384;
 inline constexpr int64_t kChannelBlock = 1024;  // channels-last tiles: at most this many channels
 inline constexpr int64_t kMinChannelElems = 256;  // NCHW tiles: elements per channel (N allowing)
+inline constexpr int64_t kRowGroup = 4;  // channels-last elementwise passes over wide rows: rows per group
 
 struct Tile {
   int64_t g;       // row of the (G, C) partial buffers
@@ -119,6 +124,47 @@ inline void for_each_run(const Geometry& geo, const Tile& tile, const F& f) {
   }
 }
 
+// Software prefetch into L2 of the tile that follows a channels-last tile in memory, in address order: the
+// walker calls step() once per vector it processes, which prefetches the next tile's matching vector of each
+// input (and of the output, where given, for writing), so the next tile arrives while this one is worked on.
+// Only for a tile that spans every channel (its next rows are the next tile); otherwise step() does nothing.
+template <typename scalar_t, size_t NI>
+class NextTilePrefetch {
+ public:
+  NextTilePrefetch(const Geometry& geo, const Tile& tile, const std::array<const scalar_t*, NI>& in,
+                   scalar_t* out = nullptr)
+      : in_(in), out_(out), next_(tile.n1 * geo.C), end_(0) {
+    if (tile.c0 == 0 && tile.c1 == geo.C) {
+      end_ = std::min(tile.n1 + (tile.n1 - tile.n0), geo.per_channel()) * geo.C;
+    }
+  }
+
+  void step(int64_t elems) {
+    // One prefetch per 64-byte line (steps of half-precision vectors are 32 bytes).
+    if (next_ < end_ && (next_ * int64_t(sizeof(scalar_t))) % kLine < elems * int64_t(sizeof(scalar_t))) {
+      for (size_t i = 0; i < NI; ++i) prefetch_l2<false>(in_[i] + next_);
+      if (out_ != nullptr) prefetch_l2<true>(out_ + next_);
+    }
+    next_ += elems;
+  }
+
+ private:
+  static constexpr int64_t kLine = 64;
+
+  template <bool kWrite>
+  static void prefetch_l2(const void* p) {
+#if defined(__GNUC__)
+    __builtin_prefetch(p, kWrite ? 1 : 0, 2);
+#else
+    (void)p;
+#endif
+  }
+
+  std::array<const scalar_t*, NI> in_;
+  scalar_t* out_;
+  int64_t next_, end_;  // elements: the next one to prefetch, the end of the next tile
+};
+
 // Per-channel parameter vectors: broadcast from one channel (NCHW) or loaded over channels (channels-last).
 template <typename T, size_t NP>
 using ParamPtrs = std::array<const T*, NP>;
@@ -193,11 +239,28 @@ void map_tile(const Geometry& geo, const Tile& tile, const std::array<const scal
         for (size_t j = 0; j < B; ++j) step(P[j], r * geo.C + tile.c0 + j * V, j + 1 < B ? V : last);
       }
     });
-  } else if (geo.channels_last) {  // row by row, the parameters re-read for every vector
+  } else if (geo.channels_last && is_reduced_float_v<scalar_t>) {
+    // Wide rows of 16-bit values, row by row, the parameters re-read for every vector (in row groups, as
+    // below, they measured slower: their vectors store half lines).
     for (int64_t r = tile.n0; r < tile.n1; ++r) {
       for (int64_t c = tile.c0; c < tile.c1; c += V) {
         const int64_t n = std::min(V, tile.c1 - c);
         step(load_params(params, c, n), r * geo.C + c, n);
+      }
+    }
+  } else if (geo.channels_last) {
+    // Wide rows, kRowGroup at a time: each vector's parameters loaded once for the group's rows (row by row
+    // they took more loads than the data), the next tile prefetched as the walk leaves address order.
+    NextTilePrefetch<scalar_t, NI> next_tile(geo, tile, in, out);
+    for (int64_t r0 = tile.n0; r0 < tile.n1; r0 += kRowGroup) {
+      const int64_t r1 = std::min(r0 + kRowGroup, tile.n1);
+      for (int64_t c = tile.c0; c < tile.c1; c += V) {
+        const int64_t n = std::min(V, tile.c1 - c);
+        const auto P = load_params(params, c, n);
+        for (int64_t r = r0; r < r1; ++r) {
+          next_tile.step(V);
+          step(P, r * geo.C + c, n);
+        }
       }
     }
   } else {
@@ -209,11 +272,12 @@ void map_tile(const Geometry& geo, const Tile& tile, const std::array<const scal
 }
 
 // Reduction over one tile: acc[k][c] = sum over the tile's elements of channel c of f(params, inputs...)[k].
-// acc[k] is indexed by channel; lanes past a tail are masked out before they are added.
+// acc[k] is indexed by channel; lanes past a tail are masked out before they are added. prefetch_next: a
+// channels-last walk in several blocks prefetches the next tile (false for a second pass over the same tile).
 template <typename scalar_t, size_t NP, size_t NI, size_t K, typename F>
 void reduce_tile(const Geometry& geo, const Tile& tile, const std::array<const scalar_t*, NI>& in,
                  const ParamPtrs<opmath_t<scalar_t>, NP>& params, const std::array<opmath_t<scalar_t>*, K>& acc,
-                 const F& f) {
+                 const F& f, bool prefetch_next = true) {
   using T = opmath_t<scalar_t>;
   using Vec = MathVec<scalar_t>;
   constexpr int64_t V = Vec::size();
@@ -227,12 +291,16 @@ void reduce_tile(const Geometry& geo, const Tile& tile, const std::array<const s
     return t;
   };
   if (geo.channels_last) {
+    // Several blocks leave address order (one block walks the rows in it).
+    const bool prefetch = prefetch_next && tile.c1 - tile.c0 > int64_t(kBlockVectors) * V;
+    NextTilePrefetch<scalar_t, NI> next_tile(geo, tile, in);
     for_channel_blocks<kBlockVectors, V>(tile, [&](int64_t c, auto block, int64_t n) {
       constexpr size_t B = decltype(block)::value;
       std::array<std::array<Vec, K>, B> sum;
       for (size_t j = 0; j < B; ++j) sum[j].fill(Vec(T(0)));
       for (int64_t r = tile.n0; r < tile.n1; ++r) {  // each channel's rows in order, as in NCHW
         for (size_t j = 0; j < B; ++j) {  // parameters re-read from L1 where registers run out
+          if (prefetch) next_tile.step(V);
           const auto t = terms(load_params(params, c + j * V, n), r * geo.C + c + j * V, n);
           for (size_t k = 0; k < K; ++k) sum[j][k] = sum[j][k] + t[k];
         }
