@@ -6,6 +6,7 @@ span the batches of every rank (see fusedrect/ops/sync_bn.py); otherwise, and in
 exactly FusedBNPReLU / FusedBNReLU (same parameters, buffers, state_dict keys and kernels).
 """
 from torch import nn
+from torch.nn.utils import parametrize
 
 from fusedrect import functional
 from fusedrect.modules import FusedBNPReLU, FusedBNReLU, FusedPreActConv2d, _FusedBNAct
@@ -99,7 +100,7 @@ def convert_sync_batchnorm(model, process_group=None):
     Run fusedrect.convert_model first: it leaves nn.SyncBatchNorm unfused. A FusedPreActConv2d has no synchronized
     version: it becomes ``nn.Sequential(FusedSyncBN<act>, nn.Conv2d)`` holding its tensors (its state_dict keys
     move under ``0.`` and ``1.``: ``conv_weight`` becomes ``1.weight``). A module in the memory-efficient mode
-    raises.
+    raises, as does a fused module with parametrized tensors (``torch.nn.utils.parametrize``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -107,6 +108,11 @@ def convert_sync_batchnorm(model, process_group=None):
 
 
 def _convert(module, process_group, path):
+    if isinstance(module, _FusedBNAct) and parametrize.is_parametrized(module):
+        names = ", ".join(module.parametrizations)
+        raise ValueError(f"model: {path or 'the model'} has parametrized tensors ({names}), which its synchronized "
+                         "version would not carry over; convert before torch.nn.utils.parametrize.register_"
+                         "parametrization, or remove_parametrizations() first")
     if isinstance(module, FusedBNPReLU):
         converted = _synchronized(FusedSyncBNPReLU, module, process_group, path,
                                   num_parameters=module.num_parameters, init=module.init)

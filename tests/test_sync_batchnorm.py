@@ -96,6 +96,19 @@ def test_memory_efficient_is_rejected():
         fusedrect.convert_sync_batchnorm(model)
 
 
+@pytest.mark.parametrize("module", ["prelu", "relu", "preact"])
+def test_parametrized_module_is_rejected(module):
+    """Its synchronized copy would keep an unset (meta) weight: an error instead, naming the tensors."""
+    layer = {"prelu": lambda: fusedrect.FusedBNPReLU(3), "relu": lambda: fusedrect.FusedBNReLU(3),
+             "preact": lambda: fusedrect.FusedPreActConv2d(3, 4, 3)}[module]()
+    name = "conv_weight" if module == "preact" else "weight"
+    torch.nn.utils.parametrize.register_parametrization(layer, name, nn.Identity())
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), layer)
+    with pytest.raises(ValueError, match=rf"model: 1 has parametrized tensors \({name}\)"):
+        fusedrect.convert_sync_batchnorm(model)
+    assert type(model[1]) is type(layer), "nothing converted before the error"
+
+
 def test_process_group_must_be_a_process_group():
     x = torch.randn(4, 3)
     with pytest.raises(TypeError, match="process_group: expected a torch.distributed.ProcessGroup or None, got str"):
