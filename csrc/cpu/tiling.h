@@ -11,8 +11,9 @@
 //                  channel where N allows, fewer in the last row of tiles), a piece of one run when S is large;
 //   channels-last  rows [r0, r1) x channels [c0, c1).
 // A channels-last walk that leaves address order (a reduction's several blocks, an elementwise pass's row
-// groups) prefetches the tile after its own in address order (NextTilePrefetch): the hardware prefetchers do
-// not follow such a walk, and the tile's first reads would wait on DRAM.
+// groups) prefetches the tile after its own in address order where its tiles span every channel (C <=
+// kChannelBlock; NextTilePrefetch): the hardware prefetchers do not follow such a walk, and the tile's first
+// reads would wait on DRAM.
 // Tiles depend only on the shape, never on the thread count: a reduction writes one partial per (tile row g,
 // channel) into a (G, C) buffer and merges the G partials in a fixed order, so results are bitwise
 // reproducible.
@@ -124,23 +125,26 @@ inline void for_each_run(const Geometry& geo, const Tile& tile, const F& f) {
   }
 }
 
-// Software prefetch into L2 of the tile that follows a channels-last tile in memory, in address order: the
-// walker calls step() once per vector it processes, which prefetches the next tile's matching vector of each
-// input (and of the output, where given, for writing), so the next tile arrives while this one is worked on.
-// Only for a tile that spans every channel (its next rows are the next tile); otherwise step() does nothing.
+// Software prefetch into L2 of the tile that follows a channels-last tile in memory: the walker calls step()
+// once per vector it processes, which advances a cursor through the next tile in address order by as many
+// elements, one prefetch per 64-byte line of each input and of the output where given (with a write hint,
+// which x86 builds without PRFCHW issue as a plain prefetch), so the next tile arrives while this one is worked
+// on. Only for a tile that spans every channel (its next rows are the next tile); otherwise step() does
+// nothing.
 template <typename scalar_t, size_t NI>
 class NextTilePrefetch {
  public:
   NextTilePrefetch(const Geometry& geo, const Tile& tile, const std::array<const scalar_t*, NI>& in,
                    scalar_t* out = nullptr)
       : in_(in), out_(out), next_(tile.n1 * geo.C), end_(0) {
+    if (std::find(in.begin(), in.end(), out) != in.end()) out_ = nullptr;  // written in place: prefetched once
     if (tile.c0 == 0 && tile.c1 == geo.C) {
       end_ = std::min(tile.n1 + (tile.n1 - tile.n0), geo.per_channel()) * geo.C;
     }
   }
 
   void step(int64_t elems) {
-    // One prefetch per 64-byte line (steps of half-precision vectors are 32 bytes).
+    // Steps of 16-64 bytes (a vector), which divide the line: exactly one step in each 64 bytes prefetches.
     if (next_ < end_ && (next_ * int64_t(sizeof(scalar_t))) % kLine < elems * int64_t(sizeof(scalar_t))) {
       for (size_t i = 0; i < NI; ++i) prefetch_l2<false>(in_[i] + next_);
       if (out_ != nullptr) prefetch_l2<true>(out_ + next_);
@@ -150,6 +154,7 @@ class NextTilePrefetch {
 
  private:
   static constexpr int64_t kLine = 64;
+  static_assert(MathVec<scalar_t>::size() * sizeof(scalar_t) <= kLine, "a step spans at most one line");
 
   template <bool kWrite>
   static void prefetch_l2(const void* p) {
@@ -187,7 +192,8 @@ inline ParamVecs<T, NP> load_params(const ParamPtrs<T, NP>& p, int64_t c, int64_
 
 // A reduction walks a channels-last tile in blocks of kBlockVectors vectors of channels, every row of the tile
 // for one block before the next, so that the block's sums stay in registers (an elementwise pass walks it row
-// by row instead, its writes in address order: blocked, it measured slower here). Calls
+// by row instead, its writes in address order, wide rows of 32/64-bit values kRowGroup rows at a time: blocked,
+// it measured slower here). Calls
 // f(c, std::integral_constant<size_t, B>{}, n) for blocks of B full vectors of channels from c, then for the
 // remaining vectors one by one (B = 1), the last one with n < V lanes where C is not a multiple of V.
 // Up to 3 sums per vector: 12 of AVX-512's 32 registers with 4 vectors, 6 of AVX2's 16 with 2.
