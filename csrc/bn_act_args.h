@@ -13,7 +13,6 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
-#include <vector>
 
 namespace fusedrect {
 
@@ -24,12 +23,22 @@ struct Geometry {
   int64_t per_channel() const { return N * S; }
 };
 
-// True when `x` is laid out as a row-major (N * S, C) matrix.
+// True when `x` is laid out as a row-major (N * S, C) matrix: x.permute(0, 2, ..., 1).is_contiguous() from the
+// sizes and strides alone (that view costs a dispatcher call on every op), dims of size 1 ignored as there.
 inline bool is_channels_last_dense(const at::Tensor& x) {
-  std::vector<int64_t> order{0};
-  for (int64_t d = 2; d < x.dim(); ++d) order.push_back(d);
-  order.push_back(1);
-  return x.permute(order).is_contiguous();
+  if (x.numel() == 0) return true;
+  int64_t expected = 1;  // the stride of the next dim in row-major (N, d2, ..., dk, C) order
+  auto dense = [&](int64_t d) {
+    if (x.size(d) == 1) return true;
+    if (x.stride(d) != expected) return false;
+    expected *= x.size(d);
+    return true;
+  };
+  if (!dense(1)) return false;
+  for (int64_t d = x.dim() - 1; d >= 2; --d) {
+    if (!dense(d)) return false;
+  }
+  return dense(0);
 }
 
 // NCHW when x is contiguous (unless S == 1, where the matrix walk is the better one), channels-last when
@@ -39,7 +48,7 @@ inline Geometry geometry_of(const at::Tensor& x, const char* name) {
   Geometry g{x.size(0), x.size(1), 1, false};
   for (int64_t d = 2; d < x.dim(); ++d) g.S *= x.size(d);
   const bool nchw = x.is_contiguous();
-  const bool cl = is_channels_last_dense(x);
+  const bool cl = (g.S == 1 || !nchw) && is_channels_last_dense(x);  // only where it decides the walk
   TORCH_CHECK(nchw || cl, name, ": expected a contiguous or channels-last tensor, got strides ", x.strides());
   g.channels_last = cl && (g.S == 1 || !nchw);
   return g;

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import fusedrect
+from fusedrect import reference
 
 
 def call(x=None, running_mean=None, running_var=None, weight=None, bias=None, slope=None, training=True, **kw):
@@ -82,6 +83,41 @@ def test_ops_reject_unsupported_strides():
     x = torch.randn(4, 3, 6, 6)[:, :, ::2]
     with pytest.raises(RuntimeError, match="input: expected a contiguous or channels-last tensor"):
         torch.ops.fusedrect.bn_act_fwd_train(x, None, None, None, 1e-5)
+
+
+def _layouts():
+    """Tensors whose strides test the ops' layout check: dims of size 1 with any stride, empty, 2-D, 3-D and 5-D
+    channels-last, expanded, transposed spatial dims, a sliced channel dim."""
+    base = torch.randn(2, 3, 4, 5)
+    yield "contiguous", base
+    yield "channels_last", base.contiguous(memory_format=torch.channels_last)
+    yield "channels_last_3d", torch.randn(2, 3, 2, 3, 4).contiguous(memory_format=torch.channels_last_3d)
+    yield "nlc", torch.randn(2, 7, 3).transpose(1, 2)
+    yield "2d", torch.randn(5, 3)
+    yield "2d_transposed", torch.randn(3, 5).t()
+    yield "n1_odd_stride", torch.randn(3, 4, 5).unsqueeze(0).as_strided((1, 3, 4, 5), (999, 1, 15, 3))
+    yield "s1_odd_stride", torch.randn(2, 3).as_strided((2, 3, 1, 1), (3, 1, 7, 11))
+    yield "c1_odd_stride", torch.randn(2, 20).as_strided((2, 1, 4, 5), (20, 77, 5, 1))
+    yield "empty_batch", torch.randn(0, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    yield "expanded", torch.randn(1, 3, 1, 1).expand(2, 3, 4, 5)
+    yield "hw_transposed", base.transpose(2, 3)
+    yield "channel_slice", torch.randn(2, 6, 4, 5)[:, ::2]
+    yield "cl_channel_slice", torch.randn(2, 6, 4, 5).contiguous(memory_format=torch.channels_last)[:, :3]
+
+
+@pytest.mark.parametrize("name,x", list(_layouts()), ids=[name for name, _ in _layouts()])
+def test_ops_accept_exactly_the_native_layouts(name, x):
+    """The compiled ops walk a tensor's memory where it is contiguous or a dense (N*S, C) matrix, whatever the
+    strides of its size-1 dims, and reject the rest; the output keeps the input's strides."""
+    native = x.is_contiguous() or x.movedim(1, -1).is_contiguous()
+    if not native:
+        with pytest.raises(RuntimeError, match="input: expected a contiguous or channels-last tensor"):
+            torch.ops.fusedrect.bn_act_fwd_train(x, None, None, None, 1e-5)
+        return
+    y, _, _ = torch.ops.fusedrect.bn_act_fwd_train(x, None, None, None, 1e-5)
+    want, _, _ = reference.bn_act_train(x.double(), None, None, None, 1e-5)
+    assert y.stride() == torch.empty_like(x).stride()
+    torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=1e-5)
 
 
 def test_functional_accepts_any_strides():
