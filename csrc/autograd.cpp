@@ -132,10 +132,12 @@ struct BnActTrain : torch::autograd::Function<BnActTrain> {
     auto [y, mean, invstd] = fwd.call(x, weight, bias, slope, eps);
     save_bn(ctx, x, mean, invstd, weight, bias, slope, true);
     ctx->mark_non_differentiable({mean, invstd});
+    ctx->set_materialize_grads(false);  // no zero-filled gradients for mean and invstd (two ops per step)
     return {y, mean, invstd};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(5);  // no gradient reached y: none for the inputs
     auto [dx, dweight, dbias, dslope] = bn_backward(ctx, ctx->get_saved_variables(), grads[0]);
     return {dx, dweight, dbias, dslope, Tensor()};
   }
@@ -202,10 +204,12 @@ struct PreActConvTrain : torch::autograd::Function<PreActConvTrain> {
     save_conv(ctx, x, mean, invstd, weight, bias, slope, conv_weight, conv_bias, stride, padding, dilation, groups,
               true);
     ctx->mark_non_differentiable({mean, invstd});
+    ctx->set_materialize_grads(false);  // as BnActTrain
     return {out, mean, invstd};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(11);
     const auto g = conv_backward(ctx, grads[0]);
     return {g[0], g[1], g[2], g[3], Tensor(), g[4], g[5], Tensor(), Tensor(), Tensor(), Tensor()};
   }
