@@ -91,6 +91,27 @@ def fused_module(channels, activation, **kwargs):
     return fusedrect.FusedBNPReLU(channels, num_parameters=1 if activation == "prelu_shared" else None, **kwargs)
 
 
+class _NoGradient(torch.autograd.Function):
+    """Passes its input on and gives it no gradient (None) in backward."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+def check_no_gradient_for_the_output(layer):
+    """A training layer whose output gets no gradient gives none to its input or parameters (and runs no kernel
+    on zeros; the mean and invstd its node also returns get none materialized either)."""
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    (_NoGradient.apply(layer(x)).sum() + x.sum()).backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+    assert all(p.grad is None for p in layer.parameters())
+
+
 def check_frozen_backward_of_non_finite_input(ops, layout, activation):
     """``ops.bn_act_bwd_elemt`` with zero sums (the frozen backward) against ``ops.bn_act_bwd`` with given
     statistics, on an input holding NaN and +-inf: equal, and finite, as PyTorch's eval backward (the x - mean

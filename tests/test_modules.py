@@ -9,7 +9,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import fusedrect
-from conftest import ACTIVATIONS, BATCHNORM, LAYOUTS, SHAPES, fused_module, make_input, torch_modules
+from conftest import (ACTIVATIONS, BATCHNORM, LAYOUTS, SHAPES, check_no_gradient_for_the_output, fused_module,
+                      make_input, torch_modules)
 
 BN_OPTIONS = [
     {},
@@ -252,27 +253,12 @@ def test_double_backward_raises_instead_of_returning_zeros():
         grad.sum().backward()
 
 
-class _NoGradient(torch.autograd.Function):
-    """Passes its input on and gives it no gradient (None) in backward."""
-
-    @staticmethod
-    def forward(ctx, y):
-        return y.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return None
-
-
-@pytest.mark.parametrize("module", ["prelu", "preact"])
+@pytest.mark.parametrize("module", ["prelu", "memory_efficient", "preact"])
 def test_training_backward_without_a_gradient_for_the_output(module):
-    """A training node whose output gets no gradient gives none to its inputs (and runs no kernel on zeros): the
-    mean and invstd it also returns get none materialized either."""
-    layer = fusedrect.FusedBNPReLU(3) if module == "prelu" else fusedrect.FusedPreActConv2d(3, 4, 3, padding=1)
-    x = torch.randn(4, 3, 5, 5, requires_grad=True)
-    (_NoGradient.apply(layer(x)).sum() + x.sum()).backward()
-    assert torch.equal(x.grad, torch.ones_like(x))
-    assert all(p.grad is None for p in layer.parameters())
+    check_no_gradient_for_the_output({
+        "prelu": lambda: fusedrect.FusedBNPReLU(3),
+        "memory_efficient": lambda: fusedrect.FusedBNPReLU(3, memory_efficient=True),
+        "preact": lambda: fusedrect.FusedPreActConv2d(3, 4, 3, padding=1)}[module]())
 
 
 def test_autograd_nodes_are_cpp():

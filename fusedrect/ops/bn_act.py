@@ -72,6 +72,7 @@ def _train_setup(ctx, inputs, output, bwd):
     x, weight, bias, slope = inputs[:4]
     _y, mean, invstd = output
     ctx.mark_non_differentiable(mean, invstd)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for mean and invstd
     ctx.save_for_backward(x, mean, invstd, weight, bias, slope)
     ctx.bwd, ctx.batch_stats = bwd, True
 
@@ -98,6 +99,8 @@ def _backward(ctx, grad_y):
 
 
 def _train_backward(ctx, grad_y, _grad_mean, _grad_invstd):
+    if grad_y is None:  # no gradient reached y: none for the inputs
+        return (None,) * 5
     return (*_backward(ctx, grad_y), None)
 
 
@@ -226,12 +229,15 @@ class _MemoryEfficientTrain(torch.autograd.Function):
         _x, weight, bias, slope, _eps, ops = inputs
         y, mean, invstd = output
         ctx.mark_non_differentiable(mean, invstd)
+        ctx.set_materialize_grads(False)  # as _train_setup
         ctx.save_for_backward(y, invstd, weight, bias, slope)
         ctx.bwd = ops["bn_act_bwd_from_output"]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, _grad_mean, _grad_invstd):
+        if grad_y is None:
+            return (None,) * 6
         y, invstd, weight, bias, slope = ctx.saved_tensors
         grads = ctx.bwd(_like(grad_y, y), y, invstd, weight, bias, slope)
         return (*_needed_grads(ctx, grads, (weight, bias, slope), 1), None, None)

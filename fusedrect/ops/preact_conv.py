@@ -97,6 +97,7 @@ def _train_setup(ctx, inputs, output, bwd):
     x, weight, bias, slope, _eps, conv_weight, conv_bias, *conv_args = inputs
     _out, mean, invstd = output
     ctx.mark_non_differentiable(mean, invstd)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for mean and invstd
     _setup(ctx, x, mean, invstd, (weight, bias, slope), conv_weight, conv_bias, conv_args, True, bwd)
 
 
@@ -119,6 +120,8 @@ def _backward(ctx, grad_out):
 
 
 def _train_backward(ctx, grad_out, _grad_mean, _grad_invstd):
+    if grad_out is None:  # no gradient reached the output: none for the inputs
+        return (None,) * 11
     dx, dweight, dbias, dslope, dconv_weight, dconv_bias = _backward(ctx, grad_out)
     return dx, dweight, dbias, dslope, None, dconv_weight, dconv_bias, None, None, None, None
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import fusedrect
-from conftest import (ACTIVATIONS, LAYOUTS, check_frozen_backward_of_non_finite_input, fused_call,
-                      fused_forward_backward, fused_module, make_input, make_params, torch_modules)
+from conftest import (ACTIVATIONS, LAYOUTS, check_frozen_backward_of_non_finite_input,
+                      check_no_gradient_for_the_output, fused_call, fused_forward_backward, fused_module, make_input,
+                      make_params, torch_modules)
 from fusedrect import reference
 from fusedrect.ops import sync_bn
 
@@ -165,3 +166,11 @@ def test_triton_synchronized_one_rank(one_rank_group, layout, activation):
         results.append([y, *(t.grad for t in leaves if t is not None)])
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("module", ["prelu", "memory_efficient", "preact"])
+def test_triton_backward_without_a_gradient_for_the_output(module):
+    check_no_gradient_for_the_output({
+        "prelu": lambda: fusedrect.FusedBNPReLU(3, backend="triton"),
+        "memory_efficient": lambda: fusedrect.FusedBNPReLU(3, memory_efficient=True, backend="triton"),
+        "preact": lambda: fusedrect.FusedPreActConv2d(3, 4, 3, padding=1, backend="triton")}[module]())
