@@ -300,8 +300,9 @@ class FusedPreActConv2d(_FusedBNAct):
             nn.init.uniform_(self.conv_bias, -bound, bound)
 
     def forward(self, input):
-        return self._apply_fused(input, functional.preact_conv2d, self.slope, self.conv_weight, self.conv_bias,
-                                 stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
+        return self._apply_fused(input, functional.preact_conv2d, self._tensor("slope"), self._tensor("conv_weight"),
+                                 self._tensor("conv_bias"), stride=self.stride, padding=self.padding,
+                                 dilation=self.dilation, groups=self.groups)
 
     def extra_repr(self):
         conv = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

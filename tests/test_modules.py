@@ -182,15 +182,17 @@ def test_module_attributes_match_batchnorm():
     assert repr(layer).startswith("FusedBNPReLU(8, eps=1e-05, momentum=0.1, affine=True")
 
 
-@pytest.mark.parametrize("name", ["weight", "bias", "slope"])
-def test_parametrized_parameters_are_used(name):
+@pytest.mark.parametrize("module,name", [("prelu", "weight"), ("prelu", "bias"), ("prelu", "slope"),
+                                         ("preact", "slope"), ("preact", "conv_weight"), ("preact", "conv_bias")])
+def test_parametrized_parameters_are_used(module, name):
     """torch.nn.utils.parametrize moves a parameter out of the module's dict into a property of its class: the
     forward reads the parametrized value, and the gradient reaches the original."""
     class Negated(nn.Module):
         def forward(self, t):
             return -t
 
-    layer = fusedrect.FusedBNPReLU(4, dtype=torch.float64)
+    layer = (fusedrect.FusedBNPReLU(4, dtype=torch.float64) if module == "prelu" else
+             fusedrect.FusedPreActConv2d(4, 2, 3, padding=1, bias=True, activation="prelu", dtype=torch.float64))
     plain = copy.deepcopy(layer)
     with torch.no_grad():
         getattr(plain, name).neg_()
