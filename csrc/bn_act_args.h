@@ -48,9 +48,9 @@ inline Geometry geometry_of(const at::Tensor& x, const char* name) {
   Geometry g{x.size(0), x.size(1), 1, false};
   for (int64_t d = 2; d < x.dim(); ++d) g.S *= x.size(d);
   const bool nchw = x.is_contiguous();
-  const bool cl = (g.S == 1 || !nchw) && is_channels_last_dense(x);  // only where it decides the walk
-  TORCH_CHECK(nchw || cl, name, ": expected a contiguous or channels-last tensor, got strides ", x.strides());
-  g.channels_last = cl && (g.S == 1 || !nchw);
+  g.channels_last = (g.S == 1 || !nchw) && is_channels_last_dense(x);  // checked only where it decides the walk
+  TORCH_CHECK(nchw || g.channels_last, name, ": expected a contiguous or channels-last tensor, got strides ",
+              x.strides());
   return g;
 }
 
