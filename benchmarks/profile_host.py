@@ -1,0 +1,83 @@
+"""Host-side cost of a BatchNorm + PReLU/ReLU layer on a GPU: the time the CPU takes to issue one step of each
+provider (launches, dispatch, Python), next to the device time of bench_bn_prelu.py. A layer whose host time
+exceeds its device time leaves the GPU waiting, however fast its kernels are. Then torch.profiler's table of
+the host time per op of one fused training step, by backend. Example:
+
+    python benchmarks/profile_host.py --shape 32x128x28x28 --layout channels_last
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+import fusedrect  # noqa: F401  (registers the ops)
+from bench_bn_prelu import eager_module, fused_module, make_input, step
+from common import DTYPES, format_table, median_ms, synchronize
+from fusedrect.ops import _backend
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--shape", default="32x128x28x28", help="NxCxHxW")
+    p.add_argument("--layout", choices=["nchw", "channels_last"], default="nchw")
+    p.add_argument("--activation", choices=["prelu", "relu"], default="prelu")
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--profile-rows", type=int, default=20, help="rows of each profiler table (0: none)")
+    args = p.parse_args(argv)
+    args.shape = tuple(int(d) for d in args.shape.split("x"))
+    args.device = torch.device(args.device)
+    return args
+
+
+def host_ms(run, device, iters):
+    """Median time for the host to return from ``run()`` with an idle device queue (no wait for the kernels)."""
+    times = []
+    for _ in range(iters):
+        synchronize(device)
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1e3)
+    synchronize(device)
+    return statistics.median(times)
+
+
+def profile_table(run, device, rows):
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    for _ in range(3):
+        run()
+    synchronize(device)
+    with torch.profiler.profile(activities=activities) as prof:
+        run()
+        synchronize(device)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dtype = DTYPES[args.dtype]
+    x = make_input(args.shape, args.layout, args.device, dtype)
+    grad = torch.randn_like(x)
+    eager = eager_module(args.shape[1], args.activation, args.device, dtype)
+    providers = [("eager", eager)] + [(f"fusedrect:{b}", fused_module(eager, args.activation, b))
+                                      for b in _backend.available(args.device)]
+    rows = []
+    for mode in ("train_fwd", "train_fwd_bwd", "eval_fwd"):
+        runs = {name: step(module, mode, x, grad)[0] for name, module in providers}
+        device = median_ms(runs, args.device, iters=args.iters)
+        for name, run in runs.items():
+            rows.append([mode, name, f"{host_ms(run, args.device, args.iters):.3f}", f"{device[name]:.3f}"])
+    print(f"{'x'.join(map(str, args.shape))} {args.layout} {args.dtype} {args.activation} on {args.device}")
+    print(format_table(["mode", "provider", "host ms", "device ms"], rows))
+    if args.profile_rows:
+        for name, module in providers:
+            print(f"\n{name}, train_fwd_bwd: host time per op")
+            print(profile_table(step(module, "train_fwd_bwd", x, grad)[0], args.device, args.profile_rows))
+
+
+if __name__ == "__main__":
+    main()
