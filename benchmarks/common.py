@@ -19,23 +19,47 @@ def synchronize(device):
 
 
 def median_ms(fns, device, warmup=3, iters=10):
-    """Median wall time in milliseconds of each ``fns[name]()`` over ``iters`` runs after ``warmup`` runs.
+    """Median time in milliseconds of each ``fns[name]()`` over ``iters`` runs after ``warmup`` runs.
 
     The functions are timed in turns, one run each per round (the order rotating from round to round), so that
-    a slow spell of a shared machine falls on all of them alike and their ratios stay fair."""
+    a slow spell of a shared machine falls on all of them alike and their ratios stay fair. On a CPU a run is
+    wall time; on a GPU it is the device's time between two events around the call, with the L2 cache
+    flushed before each run (tensors of a few tens of MB would otherwise be read from a cache that holds them
+    whole, and the copy baseline with them)."""
     names = list(fns)
     for name in names:
         for _ in range(warmup):
             fns[name]()
     synchronize(device)
+    timed = device_timed(device) if device.type == "cuda" else wall_timed(device)
     times = {name: [] for name in names}
     for i in range(iters):
         for name in names[i % len(names):] + names[:i % len(names)]:
-            start = time.perf_counter()
-            fns[name]()
-            synchronize(device)
-            times[name].append((time.perf_counter() - start) * 1e3)
+            times[name].append(timed(fns[name]))
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def wall_timed(device):
+    def timed(fn):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        return (time.perf_counter() - start) * 1e3
+    return timed
+
+
+def device_timed(device, flush_bytes=256 << 20):
+    flush = torch.empty(flush_bytes, dtype=torch.uint8, device=device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def timed(fn):
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    return timed
 
 
 def copy_step(x):
