@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda)
 export MAX_JOBS ?= 2
 
-.PHONY: build test bench experiments gpu-check clean
+.PHONY: build test bench experiments gpu-check gpu-build gpu-test gpu-bench clean
 
 $(VENV)/.installed: requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,15 +39,24 @@ experiments: build
 
 # On a lent GPU machine (torch and triton preinstalled, no package registry): build with the machine's own
 # python (the CUDA part must be there), run the GPU tests of both CUDA backends (triton and cuda) and the CUDA
-# benchmark of every available backend, keep the JSON in $OUT (else benchmarks/results/).
+# benchmarks of every available backend, keep the JSON in $OUT (else benchmarks/results/). The tests and the
+# benchmarks are separate targets, so `make -k gpu-check` still benchmarks after a failed test;
+# GPU_PYTEST_ARGS passes more pytest options (e.g. -n 8 with pytest-xdist).
 GPU_PY ?= python3
+GPU_PYTEST_ARGS ?=
 RESULTS = $(if $(OUT),$(OUT),benchmarks/results)
 
-gpu-check:
+gpu-check: gpu-test gpu-bench
+
+gpu-build:
 	$(GPU_PY) -c "import sys, torch; torch.cuda.is_available() or sys.exit('make gpu-check: no CUDA device visible to torch')"
 	$(GPU_PY) -m pip install --no-build-isolation --no-deps -e .
 	$(GPU_PY) -c "import sys; from fusedrect.ops import _backend; _backend.cuda_module() or sys.exit('make gpu-check: fusedrect._C was built without its CUDA part (is CUDA_HOME set?)')"
-	$(GPU_PY) -m pytest tests -m gpu -q -p no:cacheprovider
+
+gpu-test: gpu-build
+	$(GPU_PY) -m pytest tests -m gpu -q -p no:cacheprovider $(GPU_PYTEST_ARGS)
+
+gpu-bench: gpu-build
 	mkdir -p $(RESULTS)
 	for dtype in fp32 bf16; do \
 		$(GPU_PY) benchmarks/bench_bn_prelu.py --device cuda --dtype $$dtype \
