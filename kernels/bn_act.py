@@ -18,7 +18,8 @@ Each program writes its partials to (G, C) buffers (Chan's mean/M2 for the stati
 backward) and a second kernel merges them over g in a fixed order: no atomics, bitwise reproducible. The
 reduction split depends only on the shape and is never autotuned (that would change the summation order);
 the elementwise kernels are autotuned, keyed on the shape class, and use a heuristic config where autotuning
-cannot run (the interpreter).
+cannot run (the interpreter) or is switched off (FUSEDRECT_TRITON_AUTOTUNE=0: no compile-and-time pass over
+the 9 configs at the first call of each shape class).
 """
 import functools
 import os
@@ -412,10 +413,10 @@ class _Geometry:
 
 def _elementwise_launch(kernel_jit, kernel_tuned, geo, args, constexprs):
     """Launches an elementwise kernel: autotuned on a GPU, a heuristic tile in the interpreter (which cannot
-    autotune)."""
+    autotune) and where FUSEDRECT_TRITON_AUTOTUNE=0."""
     grid_rows_cols = (geo.rows, geo.cols)
     rows_class = triton.next_power_of_2(max(1, geo.rows))
-    if INTERPRET:
+    if INTERPRET or os.environ.get("FUSEDRECT_TRITON_AUTOTUNE") == "0":
         block_cols = min(2048, triton.next_power_of_2(max(1, geo.cols)))
         block_r = max(1, min(64, 2048 // block_cols))
         grid = (triton.cdiv(geo.rows, block_r) * triton.cdiv(geo.cols, block_cols),)

@@ -26,11 +26,17 @@ def no_env(monkeypatch):
     monkeypatch.delenv(_backend.ENV_VAR, raising=False)
 
 
+def stub_extension(monkeypatch, cuda_part):
+    """fusedrect._C as if built with its CUDA part, or with FUSEDRECT_FORCE_CPU=1 (no ``cuda`` attribute)."""
+    stub = types.SimpleNamespace(cpu_capability=_backend._C.cpu_capability, cuda_runtime_version=int(cuda_part))
+    if cuda_part:
+        stub.cuda = object()
+    monkeypatch.setattr(_backend, "_C", stub)
+
+
 @pytest.fixture
 def without_cuda_part(monkeypatch):
-    """As if fusedrect._C had been built with FUSEDRECT_FORCE_CPU=1."""
-    stub = types.SimpleNamespace(cpu_capability=_backend._C.cpu_capability, cuda_runtime_version=0)
-    monkeypatch.setattr(_backend, "_C", stub)
+    stub_extension(monkeypatch, cuda_part=False)
 
 
 def test_cuda_is_a_backend():
@@ -43,25 +49,26 @@ def test_environment_variable_picks_the_cuda_implementation(monkeypatch, env):
     assert _backend.cuda_implementation(CudaTensor()) == env
 
 
+@pytest.fixture(params=[True, False], ids=["with_cuda_part", "without_cuda_part"])
+def cuda_part(request, monkeypatch):
+    stub_extension(monkeypatch, request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("env", [None, "auto", "cpp", "reference"])
-@pytest.mark.parametrize("triton", [True, False])
-def test_auto_prefers_triton_when_importable(monkeypatch, env, triton):
+def test_auto_prefers_the_cuda_part_where_built(monkeypatch, env, cuda_part):
     if env is None:
         monkeypatch.delenv(_backend.ENV_VAR, raising=False)
     else:
         monkeypatch.setenv(_backend.ENV_VAR, env)
-    monkeypatch.setattr(_backend, "triton_importable", lambda: triton)
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        assert _backend.cuda_implementation(CudaTensor(dtype)) == ("triton" if triton else "cuda")
+        assert _backend.cuda_implementation(CudaTensor(dtype)) == ("cuda" if cuda_part else "triton")
 
 
-def test_auto_resolves_cuda_tensors_to_the_routers_choice(monkeypatch, no_env):
+def test_auto_resolves_cuda_tensors_to_the_routers_choice(monkeypatch, no_env, cuda_part):
     monkeypatch.setattr(_backend, "triton_importable", lambda: True)
-    assert _backend.resolve(None, CudaTensor()) == "triton"
+    assert _backend.resolve(None, CudaTensor()) == ("cuda" if cuda_part else "triton")
     assert _backend.resolve(None, torch.empty(2, 3)) == "cpp"
-    if _backend.cuda_module() is not None:
-        monkeypatch.setattr(_backend, "triton_importable", lambda: False)
-        assert _backend.resolve(None, CudaTensor()) == "cuda"
 
 
 def test_auto_without_triton_or_the_cuda_part_runs_the_reference(without_cuda_part, monkeypatch, no_env):
@@ -127,3 +134,13 @@ def test_a_backend_other_than_the_routers_goes_direct(monkeypatch, env):
     assert bn_act._ops_for(other, CudaTensor()) is bn_act._IMPLS[other]
     assert bn_act._through_dispatcher("cpp", torch.empty(2, 3))
     assert not bn_act._through_dispatcher("triton", torch.empty(2, 3))  # the interpreter
+
+
+@pytest.mark.parametrize("backend", fusedrect.BACKENDS)
+def test_backend_checks_trace_under_torch_compile(backend):
+    """torch.compile(fullgraph=True) traces the availability checks of every backend (an import lookup would
+    break the graph: seen with torch 2.11 and backend="triton")."""
+    torch._dynamo.reset()
+    check = torch.compile(lambda x: x + (_backend.why_unavailable(backend, x.device) is None), fullgraph=True,
+                          backend="eager")
+    assert check(torch.zeros(1)).item() == (_backend.why_unavailable(backend, torch.device("cpu")) is None)
