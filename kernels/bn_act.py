@@ -138,32 +138,27 @@ def _stats_cl_kernel(x_ptr, part_mean_ptr, part_m2_ptr, C, R, ITERS,
 
 
 @triton.jit
-def _rsqrt_rounded(v, ACC: tl.constexpr):
-    """1 / sqrt(v), correctly rounded (Triton's fp32 sqrt and division are approximate by default)."""
-    if ACC == tl.float32:
-        return tl.math.div_rn(tl.zeros_like(v) + 1.0, tl.math.sqrt_rn(v))
-    return 1.0 / tl.sqrt(v)
-
-
-@triton.jit
 def _stats_merge_kernel(part_mean_ptr, part_m2_ptr, mean_ptr, var_ptr, invstd_ptr, C, G, CHUNK, M, eps,
-                        BLOCK_C: tl.constexpr, ACC: tl.constexpr):
-    # Partial g holds min(CHUNK, M - g * CHUNK) elements of every channel; merged in order g = 0, 1, ...
-    # Writes the mean, the biased variance var = M2 / M and invstd = 1 / sqrt(var + eps).
+                        BLOCK_C: tl.constexpr):
+    # Partial g holds min(CHUNK, M - g * CHUNK) elements of every channel; merged in order g = 0, 1, ... in fp64
+    # (as the CUDA C++ and CPU kernels: in fp32, hundreds of sequential merges lost enough of the mean that
+    # recomputed activations near 0 took the other branch). Writes the mean, the biased variance var = M2 / M
+    # and invstd = 1 / sqrt(var + eps).
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
-    count = tl.zeros((), ACC)
-    mean = tl.zeros((BLOCK_C,), ACC)
-    m2 = tl.zeros((BLOCK_C,), ACC)
+    count = tl.zeros((), tl.float64)
+    mean = tl.zeros((BLOCK_C,), tl.float64)
+    m2 = tl.zeros((BLOCK_C,), tl.float64)
     for g in range(G):
-        b_count = tl.minimum(CHUNK, M - tl.cast(g, tl.int64) * CHUNK).to(ACC)
-        b_mean = tl.load(part_mean_ptr + g * C + cols, mask=col_mask, other=0.0)
-        b_m2 = tl.load(part_m2_ptr + g * C + cols, mask=col_mask, other=0.0)
+        b_count = tl.minimum(CHUNK, M - tl.cast(g, tl.int64) * CHUNK).to(tl.float64)
+        b_mean = tl.load(part_mean_ptr + g * C + cols, mask=col_mask, other=0.0).to(tl.float64)
+        b_m2 = tl.load(part_m2_ptr + g * C + cols, mask=col_mask, other=0.0).to(tl.float64)
         count, mean, m2 = _chan_merge(count, mean, m2, b_count, b_mean, b_m2)
     var = m2 / M
-    tl.store(mean_ptr + cols, mean, mask=col_mask)
-    tl.store(var_ptr + cols, var, mask=col_mask)
-    tl.store(invstd_ptr + cols, _rsqrt_rounded(var + eps, ACC), mask=col_mask)
+    out = mean_ptr.dtype.element_ty
+    tl.store(mean_ptr + cols, mean.to(out), mask=col_mask)
+    tl.store(var_ptr + cols, var.to(out), mask=col_mask)
+    tl.store(invstd_ptr + cols, (1.0 / tl.sqrt(var + eps)).to(out), mask=col_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -349,21 +344,23 @@ def _bwd_reduce_cl_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_
 
 @triton.jit
 def _bwd_finalize_kernel(part_ptr, invstd_ptr, grad_weight_ptr, grad_bias_ptr, grad_slope_ptr, C, G,
-                         ACT: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+                         ACT: tl.constexpr, BLOCK_C: tl.constexpr):
+    # The partials summed in order g = 0, 1, ... in fp64, as the statistics' merge.
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
-    sum_dz = tl.zeros((BLOCK_C,), ACC)
-    sum_dzx = tl.zeros((BLOCK_C,), ACC)
-    sum_neg = tl.zeros((BLOCK_C,), ACC)
+    sum_dz = tl.zeros((BLOCK_C,), tl.float64)
+    sum_dzx = tl.zeros((BLOCK_C,), tl.float64)
+    sum_neg = tl.zeros((BLOCK_C,), tl.float64)
     for g in range(G):
-        sum_dz += tl.load(part_ptr + g * C + cols, mask=col_mask, other=0.0)
-        sum_dzx += tl.load(part_ptr + (G + g) * C + cols, mask=col_mask, other=0.0)
-        sum_neg += tl.load(part_ptr + (2 * G + g) * C + cols, mask=col_mask, other=0.0)
-    invstd = tl.load(invstd_ptr + cols, mask=col_mask, other=0.0)
-    tl.store(grad_bias_ptr + cols, sum_dz, mask=col_mask)
-    tl.store(grad_weight_ptr + cols, sum_dzx * invstd, mask=col_mask)
+        sum_dz += tl.load(part_ptr + g * C + cols, mask=col_mask, other=0.0).to(tl.float64)
+        sum_dzx += tl.load(part_ptr + (G + g) * C + cols, mask=col_mask, other=0.0).to(tl.float64)
+        sum_neg += tl.load(part_ptr + (2 * G + g) * C + cols, mask=col_mask, other=0.0).to(tl.float64)
+    invstd = tl.load(invstd_ptr + cols, mask=col_mask, other=0.0).to(tl.float64)
+    out = grad_bias_ptr.dtype.element_ty
+    tl.store(grad_bias_ptr + cols, sum_dz.to(out), mask=col_mask)
+    tl.store(grad_weight_ptr + cols, (sum_dzx * invstd).to(out), mask=col_mask)
     if ACT == PRELU:
-        tl.store(grad_slope_ptr + cols, sum_neg, mask=col_mask)
+        tl.store(grad_slope_ptr + cols, sum_neg.to(out), mask=col_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -508,7 +505,7 @@ def _batch_stats(x, eps, geo):
     var, invstd = torch.empty_like(mean), torch.empty_like(mean)
     _stats_merge_kernel[(triton.cdiv(geo.C, FINALIZE_BLOCK_C),)](
         part_mean, part_m2, mean, var, invstd, geo.C, geo.groups, geo.chunk, geo.M, eps,
-        BLOCK_C=FINALIZE_BLOCK_C, ACC=acc)
+        BLOCK_C=FINALIZE_BLOCK_C)
     return mean, var, invstd
 
 
@@ -609,7 +606,7 @@ def _backward_sums(args):
             *common, geo.C, geo.S, geo.M, geo.groups, geo.iters, BLOCK=REDUCE_BLOCK, **flags)
     _bwd_finalize_kernel[(triton.cdiv(geo.C, FINALIZE_BLOCK_C),)](
         partials, args.invstd, sum_dz_xhat, sum_dz, grad_slope, geo.C, geo.groups,
-        ACT=args.act, BLOCK_C=FINALIZE_BLOCK_C, ACC=acc)
+        ACT=args.act, BLOCK_C=FINALIZE_BLOCK_C)
     return sum_dz, sum_dz_xhat, grad_slope
 
 

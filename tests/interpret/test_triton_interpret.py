@@ -46,6 +46,28 @@ def test_triton_matches_reference(shape, layout, activation, dtype, training):
         torch.testing.assert_close(got.double(), want, atol=tol, rtol=TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_triton_sums_of_many_partials_keep_fp32_accuracy(layout):
+    """Hundreds of per-program partials per channel (channels-last 8x4x56x56: 784): their merges keep the
+    statistics and the parameter gradients as accurate as one fp32 pass (they are merged in fp64). Merged in
+    fp32, the mean lost enough that a GPU's recomputed activations near 0 took the other branch (dx off by
+    0.79 at 32x64x56x56 on an H200)."""
+    from fusedrect.kernels import bn_act as kernels
+
+    x = make_input((8, 4, 56, 56), layout, torch.float32, scale=0.5, shift=4.0)
+    mean, invstd = kernels.batch_stats(x, 1e-5)
+    want_mean, want_invstd = reference.batch_stats(x.double(), 1e-5)
+    torch.testing.assert_close(mean.double(), want_mean, rtol=1e-7, atol=0)
+    torch.testing.assert_close(invstd.double(), want_invstd, rtol=2e-6, atol=0)
+    grad = make_input(x.shape, layout, torch.float32, shift=1.0)
+    weight, bias, slope = (p.float() for p in make_params(4, "prelu"))
+    sums = kernels.bn_act_bwd_reduce(grad, x, mean, invstd, weight, bias, slope)
+    want = reference.bn_act_bwd_reduce(grad.double(), x.double(), mean.double(), invstd.double(), weight.double(),
+                                       bias.double(), slope.double())
+    for got, expected in zip(sums, want):  # sum dz, sum dz * xhat, the slope's gradient
+        torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-3)
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("layout", LAYOUTS)
