@@ -1,48 +1,26 @@
 // The running-statistics update of the training forward (schema in fusedrect.cpp): for every device a few
-// ATen ops on (C,) tensors, in C++ so that a layer's forward pays one dispatcher call for it instead of
-// eight Python ones (about 20 us on CPU); for contiguous CPU tensors one loop over the channels instead of those
-// seven ops (about 10 us less per training forward). fusedrect/reference.py's update_running_stats is the
-// ground truth of both, bit for bit.
+// ATen ops on (C,) tensors (running_stats.h), in C++ so that a layer's forward pays one dispatcher call for it
+// instead of eight Python ones (about 20 us on CPU); for contiguous CPU tensors one loop over the channels
+// instead of those seven ops (about 10 us less per training forward), for CUDA tensors one kernel
+// (cuda/running_stats.cu). fusedrect/reference.py's update_running_stats is the ground truth, bit for bit.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
-#include <initializer_list>
 #include <optional>
 #include <vector>
+
+#include "running_stats.h"
 
 namespace fusedrect {
 namespace {
 
 using at::Tensor;
 
-void bn_update_running_stats(const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
-                             const Tensor& mean, const Tensor& invstd, double eps, int64_t count, double momentum,
-                             const std::optional<Tensor>& momentum_tensor) {
-  if (count == 0) return;
-  TORCH_CHECK(count > 1, "count: expected more than 1 value per channel to update the running variance, got ",
-              count);
-  const at::NoGradGuard no_grad;
-  const auto blend = [&](const Tensor& running, const Tensor& batch) {
-    const Tensor b = batch.to(running.scalar_type());
-    if (momentum_tensor.has_value() && momentum_tensor->defined()) {
-      running.lerp_(b, momentum_tensor->to(running.scalar_type()).reshape({}));
-    } else {
-      running.lerp_(b, momentum);
-    }
-  };
-  if (running_mean.has_value() && running_mean->defined()) blend(*running_mean, mean);
-  if (running_var.has_value() && running_var->defined()) {
-    blend(*running_var, invstd.pow(-2).sub_(eps).clamp_min_(0).mul_(double(count) / double(count - 1)));
-  }
-}
-
-// ATen's lerp as its vectorised CPU kernel computes it (in the buffer's opmath type).
 template <typename T>
 T lerp(T start, T end, T weight) {
   return std::abs(weight) < T(0.5) ? std::fma(weight, end - start, start)
@@ -51,18 +29,6 @@ T lerp(T start, T end, T weight) {
 
 bool vector_cpu(const Tensor& t, int64_t numel) {
   return t.device().is_cpu() && t.dim() == 1 && t.is_contiguous() && t.numel() == numel;
-}
-
-// Whether no two of `tensors` (the undefined ones skipped) share memory.
-bool disjoint(std::initializer_list<const Tensor*> tensors) {
-  for (auto a = tensors.begin(); a != tensors.end(); ++a) {
-    for (auto b = std::next(a); b != tensors.end(); ++b) {
-      if ((*a)->defined() && (*b)->defined() && at::get_overlap_status(**a, **b) != at::MemOverlapStatus::No) {
-        return false;
-      }
-    }
-  }
-  return true;
 }
 
 // The composite's arithmetic, rounding step by rounding step (bit for bit): the unbiased variance in the
@@ -84,7 +50,8 @@ void bn_update_running_stats_cpu(const std::optional<Tensor>& running_mean, cons
       !disjoint({&rm, &rv, &mean, &invstd}) ||
       (has_tensor && !(momentum_tensor->device().is_cpu() && momentum_tensor->numel() == 1 &&
                        momentum_tensor->is_floating_point()))) {
-    return bn_update_running_stats(running_mean, running_var, mean, invstd, eps, count, momentum, momentum_tensor);
+    return update_running_stats_composite(running_mean, running_var, mean, invstd, eps, count, momentum,
+                                          momentum_tensor);
   }
   const double weight = has_tensor ? momentum_tensor->item<double>() : momentum;
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bn_update_running_stats", [&] {
@@ -115,7 +82,7 @@ void bn_update_running_stats_cpu(const std::optional<Tensor>& running_mean, cons
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedrect, CompositeExplicitAutograd, m) {
-  m.impl("bn_update_running_stats", &bn_update_running_stats);
+  m.impl("bn_update_running_stats", &update_running_stats_composite);
 }
 
 TORCH_LIBRARY_IMPL(fusedrect, CPU, m) {

@@ -79,6 +79,7 @@ CUDA_KERNELS = {
     "bwd_reduce_nchw_kernel": 24,  # (ReLU, PReLU, from output) x 4 dtypes x 2 widths
     "bwd_reduce_cl_kernel": 24,
     "bwd_finalize_kernel": 2,
+    "running_stats_kernel": 8,  # fp32 / fp64 statistics x fp64, fp32, fp16, bf16 running buffers
 }
 
 

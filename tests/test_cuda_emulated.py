@@ -25,15 +25,17 @@ REWRITES = [
     (r"const c10::cuda::CUDAGuard guard\(\w+\.device\(\)\);", ""),
     (r"\n  check_cuda\(input, name\);", ""),  # the emulated ops take CPU tensors
     (r"C10_CUDA_CHECK\(cudaDeviceGetAttribute\(&count.*?\);", "count = 1;"),  # one multiprocessor
+    (r"TORCH_LIBRARY_IMPL\(fusedrect, CUDA, m\) \{.*?\n\}", ""),  # the real extension registered it already
 ]
 OPS = ("bn_act_fwd_train", "bn_act_fwd_eval", "bn_act_bwd", "bn_act_bwd_from_output", "bn_stats",
        "bn_act_bwd_reduce", "bn_act_bwd_elemt")
 BINDING = """#include <torch/csrc/utils/pybind.h>
 #include "csrc/cuda/bn_act.h"
+#include "csrc/cuda/running_stats.h"
 PYBIND11_MODULE(fusedrect_cuda_emulated, m) {
 %s
 }
-""" % "\n".join(f'  m.def("{op}", &fusedrect::cuda::{op});' for op in OPS)
+""" % "\n".join(f'  m.def("{op}", &fusedrect::cuda::{op});' for op in (*OPS, "bn_update_running_stats"))
 
 
 def write_if_changed(path, text):
@@ -150,3 +152,28 @@ def test_emulated_cuda_kernels_match_the_cpu_ops(emulated, shape, layout, dtype,
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_emulated_frozen_backward_of_non_finite_input(emulated, layout, activation):
     check_frozen_backward_of_non_finite_input(emulated, layout, activation)
+
+
+@pytest.mark.parametrize("stats, running", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                            (torch.float32, torch.float16), (torch.float64, torch.float64)],
+                         ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("momentum", [0.1, 0.7, "tensor"])
+@pytest.mark.parametrize("buffers", ["both", "mean", "var"])
+def test_emulated_running_stats_update_matches_the_reference(emulated, stats, running, momentum, buffers):
+    """The one-kernel update against reference.update_running_stats (the composite's ATen ops), to a rounding
+    of the lerp (the GPU fuses its multiply-add as ATen's CUDA lerp does; the host compiler here does not)."""
+    C = 37
+    mean, invstd = torch.randn(C, dtype=stats), (torch.rand(C, dtype=stats) + 0.2)
+    invstd[3] = 1e3  # 1 / invstd^2 < eps: the clamp
+    weight = torch.tensor(0.3, dtype=torch.float32) if momentum == "tensor" else momentum
+    buffers = {"both": (True, True), "mean": (True, False), "var": (False, True)}[buffers]
+    start = [torch.randn(C).abs().to(running) if keep else None for keep in buffers]
+    ours, want = ([t.clone() if t is not None else None for t in start] for _ in range(2))
+    emulated.bn_update_running_stats(*ours, mean, invstd, 1e-5, 9, 0.0 if momentum == "tensor" else momentum,
+                                     weight if momentum == "tensor" else None)
+    reference.update_running_stats(*want, mean, invstd, 1e-5, 9, weight)
+    for got, expected, first in zip(ours, want, start):
+        if first is not None:
+            assert not torch.equal(expected, first)
+            eps = torch.finfo(running).eps  # values of order 1: a rounding of the lerp's terms, not of its result
+            torch.testing.assert_close(got, expected, rtol=2 * eps, atol=4 * eps)

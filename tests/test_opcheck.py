@@ -60,19 +60,21 @@ def running_stats_samples():
                                            id=f"{buffers}-{buffer_dtype}-{stats_dtype}-{momentum}-{C}")
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
 @pytest.mark.parametrize("buffers, buffer_dtype, stats_dtype, momentum, C", list(running_stats_samples()))
-def test_update_running_stats(buffers, buffer_dtype, stats_dtype, momentum, C):
+def test_update_running_stats(buffers, buffer_dtype, stats_dtype, momentum, C, device):
     """The running-statistics op mutates exactly its buffers, bit for bit as reference.update_running_stats
-    does (on CPU one loop over the channels, its lerp written as ATen's vectorised kernel computes it), and bumps
-    their version counters as lerp_ does."""
+    does (on CPU one loop over the channels, its lerp written as ATen's vectorised kernel computes it; on CUDA
+    one kernel with ATen's lerp), and bumps their version counters as lerp_ does."""
     count, eps = 12, 1e-5
-    mean = torch.randn(C, dtype=stats_dtype)
-    invstd = torch.rand(C, dtype=stats_dtype) + 0.5
-    factor = torch.tensor(1 / 3) if momentum == "tensor" else momentum
+    mean = torch.randn(C, dtype=stats_dtype, device=device)
+    invstd = torch.rand(C, dtype=stats_dtype, device=device) + 0.5
+    factor = torch.tensor(1 / 3, device=device) if momentum == "tensor" else momentum
 
     def fresh():
-        return (torch.randn(C, dtype=buffer_dtype) if buffers != "var" else None,
-                torch.rand(C, dtype=buffer_dtype) + 1 if buffers != "mean" else None)
+        return (torch.randn(C, dtype=buffer_dtype, device=device) if buffers != "var" else None,
+                torch.rand(C, dtype=buffer_dtype, device=device) + 1 if buffers != "mean" else None)
 
     torch.manual_seed(0)
     ours = fresh()
@@ -88,7 +90,7 @@ def test_update_running_stats(buffers, buffer_dtype, stats_dtype, momentum, C):
             assert a._version == b._version == 1
     torch.manual_seed(0)
     torch.library.opcheck(op.default, (*fresh(), mean, invstd, eps, count, 0.1, None))
-    torch.library.opcheck(op.default, (*fresh(), mean, invstd, eps, count, 0.0, torch.tensor(0.5)))
+    torch.library.opcheck(op.default, (*fresh(), mean, invstd, eps, count, 0.0, torch.tensor(0.5, device=device)))
 
 
 def test_update_running_stats_with_overlapping_arguments_as_the_reference():

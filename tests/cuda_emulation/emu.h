@@ -79,6 +79,9 @@ void launch(dim3 grid, dim3 blk, K kernel, A... args) {
 #define gridDim (::emu::gdim)
 
 inline void __syncthreads() { emu::yield(); }
+// Products rounded on their own (the host compiler here never fuses a multiply into an add).
+#define __fmul_rn(a, b) (float(a) * float(b))
+#define __dmul_rn(a, b) (double(a) * double(b))
 
 template <typename T>
 T __shfl_down_sync(unsigned, T v, int offset) {

@@ -1,0 +1,51 @@
+// What the running-statistics update shares between devices (running_stats.cpp, cuda/running_stats.cu): the
+// composite of ATen ops that every device can run, and the overlap test that the one-pass kernels need.
+//   running_mean = lerp(running_mean, mean, momentum)
+//   running_var  = lerp(running_var, max(1 / invstd^2 - eps, 0) * count / (count - 1), momentum)
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+
+#include <initializer_list>
+#include <iterator>
+#include <optional>
+
+namespace fusedrect {
+
+// fusedrect/reference.py's update_running_stats in ATen ops: returns on count 0, raises on count 1.
+inline void update_running_stats_composite(const std::optional<at::Tensor>& running_mean,
+                                           const std::optional<at::Tensor>& running_var, const at::Tensor& mean,
+                                           const at::Tensor& invstd, double eps, int64_t count, double momentum,
+                                           const std::optional<at::Tensor>& momentum_tensor) {
+  if (count == 0) return;
+  TORCH_CHECK(count > 1, "count: expected more than 1 value per channel to update the running variance, got ",
+              count);
+  const at::NoGradGuard no_grad;
+  const auto blend = [&](const at::Tensor& running, const at::Tensor& batch) {
+    const at::Tensor b = batch.to(running.scalar_type());
+    if (momentum_tensor.has_value() && momentum_tensor->defined()) {
+      running.lerp_(b, momentum_tensor->to(running.scalar_type()).reshape({}));
+    } else {
+      running.lerp_(b, momentum);
+    }
+  };
+  if (running_mean.has_value() && running_mean->defined()) blend(*running_mean, mean);
+  if (running_var.has_value() && running_var->defined()) {
+    blend(*running_var, invstd.pow(-2).sub_(eps).clamp_min_(0).mul_(double(count) / double(count - 1)));
+  }
+}
+
+// No two of the defined tensors share memory.
+inline bool disjoint(std::initializer_list<const at::Tensor*> tensors) {
+  for (auto a = tensors.begin(); a != tensors.end(); ++a) {
+    for (auto b = std::next(a); b != tensors.end(); ++b) {
+      if ((*a)->defined() && (*b)->defined() && at::get_overlap_status(**a, **b) != at::MemOverlapStatus::No) {
+        return false;
+      }
+    }
+  }
+  return true;
+}
+
+}  // namespace fusedrect
