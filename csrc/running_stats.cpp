@@ -21,14 +21,11 @@ namespace {
 
 using at::Tensor;
 
+// ATen's lerp as its vectorised CPU kernel computes it (in the buffer's opmath type).
 template <typename T>
 T lerp(T start, T end, T weight) {
   return std::abs(weight) < T(0.5) ? std::fma(weight, end - start, start)
                                    : std::fma(weight - T(1), end - start, end);
-}
-
-bool vector_cpu(const Tensor& t, int64_t numel) {
-  return t.device().is_cpu() && t.dim() == 1 && t.is_contiguous() && t.numel() == numel;
 }
 
 // The composite's arithmetic, rounding step by rounding step (bit for bit): the unbiased variance in the
@@ -43,9 +40,10 @@ void bn_update_running_stats_cpu(const std::optional<Tensor>& running_mean, cons
   const bool has_tensor = momentum_tensor.has_value() && momentum_tensor->defined();
   const Tensor rm = running_mean.value_or(Tensor());
   const Tensor rv = running_var.value_or(Tensor());
-  const auto plain = [&](const Tensor& t) { return !t.defined() || vector_cpu(t, C); };
+  const at::Device cpu(at::kCPU);
+  const auto plain = [&](const Tensor& t) { return !t.defined() || plain_vector(t, cpu, C); };
   // The composite takes everything else, and counts of 1 or less (it returns on 0 and raises on the rest).
-  if (count <= 1 || !vector_cpu(mean, C) || !vector_cpu(invstd, C) || invstd.dtype() != mean.dtype() ||
+  if (count <= 1 || !plain_vector(mean, cpu, C) || !plain_vector(invstd, cpu, C) || invstd.dtype() != mean.dtype() ||
       !(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble) || !plain(rm) || !plain(rv) ||
       !disjoint({&rm, &rv, &mean, &invstd}) ||
       (has_tensor && !(momentum_tensor->device().is_cpu() && momentum_tensor->numel() == 1 &&

@@ -1,5 +1,5 @@
 // What the running-statistics update shares between devices (running_stats.cpp, cuda/running_stats.cu): the
-// composite of ATen ops that every device can run, and the overlap test that the one-pass kernels need.
+// composite of ATen ops that every device can run, and the tests of what the one-pass kernels can take.
 //   running_mean = lerp(running_mean, mean, momentum)
 //   running_var  = lerp(running_var, max(1 / invstd^2 - eps, 0) * count / (count - 1), momentum)
 #pragma once
@@ -34,6 +34,11 @@ inline void update_running_stats_composite(const std::optional<at::Tensor>& runn
   if (running_var.has_value() && running_var->defined()) {
     blend(*running_var, invstd.pow(-2).sub_(eps).clamp_min_(0).mul_(double(count) / double(count - 1)));
   }
+}
+
+// A contiguous (numel,) tensor on `device`: what the one-pass kernels walk.
+inline bool plain_vector(const at::Tensor& t, const at::Device& device, int64_t numel) {
+  return t.device() == device && t.dim() == 1 && t.is_contiguous() && t.numel() == numel;
 }
 
 // No two of the defined tensors share memory.

@@ -43,10 +43,6 @@ __global__ void running_stats_kernel(R* running_mean, R* running_var, const S* m
   }
 }
 
-bool vector_on(const Tensor& t, const at::Device& device, int64_t numel) {
-  return t.device() == device && t.dim() == 1 && t.is_contiguous() && t.numel() == numel;
-}
-
 }  // namespace
 
 void bn_update_running_stats(const OptTensor& running_mean, const OptTensor& running_var, const Tensor& mean,
@@ -58,11 +54,11 @@ void bn_update_running_stats(const OptTensor& running_mean, const OptTensor& run
   const Tensor rv = running_var.value_or(Tensor());
   const Tensor weight = momentum_tensor.value_or(Tensor());
   const auto running_ok = [&](const Tensor& t) {
-    return !t.defined() || (vector_on(t, device, C) && at::isFloatingType(t.scalar_type()));
+    return !t.defined() || (plain_vector(t, device, C) && at::isFloatingType(t.scalar_type()));
   };
   // The composite takes everything else, and counts of 1 or less (it returns on 0 and raises on the rest).
   if (count <= 1 || !(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble) ||
-      !vector_on(mean, device, C) || !vector_on(invstd, device, C) || invstd.dtype() != mean.dtype() ||
+      !plain_vector(mean, device, C) || !plain_vector(invstd, device, C) || invstd.dtype() != mean.dtype() ||
       !running_ok(rm) || !running_ok(rv) || (rm.defined() && rv.defined() && rm.dtype() != rv.dtype()) ||
       !disjoint({&rm, &rv, &mean, &invstd}) ||
       (weight.defined() && !(weight.device() == device && weight.numel() == 1 && weight.is_floating_point()))) {
