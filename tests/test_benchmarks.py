@@ -55,3 +55,13 @@ def test_buffer_cache_benchmark_runs_each_loop_in_every_setting(tmp_path):
         if r["part"] == "layer":  # a 1 MiB layer: its outputs come from the cache where it is on
             on = r["buffer_cache"] != "off"
             assert (r["cache"]["limit_bytes"] > 0) == on and (r["cache"]["hits"] > 0) == on
+
+
+def test_profile_host_reports_every_mode_and_provider():
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "profile_host.py"), "--shape", "4x8x5x5", "--iters",
+                             "3", "--profile-rows", "3"], check=True, capture_output=True, text=True, timeout=300)
+    modes = ("train_fwd", "train_fwd_bwd", "eval_fwd")
+    rows = [r for r in (line.split() for line in result.stdout.splitlines()) if len(r) == 4 and r[0] in modes]
+    assert {(r[0], r[1]) for r in rows} == {(m, p) for m in modes for p in ("eager", "fusedrect:cpp")}
+    assert len(rows) == 6 and all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)  # host ms, device ms
+    assert result.stdout.count("train_fwd_bwd: host time per op") == 2
