@@ -91,9 +91,8 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_fwd_train(const Tensor& input, const O
   }
   args.mean = per_channel_empty(input, C);
   args.invstd = per_channel_empty(input, C);
-  batch_stats(geo, input, eps, /*want_var=*/false, args.mean, args.invstd);
   const Tensor table = table_for(input, C);
-  channel_table(args, C, table);
+  batch_stats(geo, input, eps, /*want_var=*/false, args.mean, args.invstd, &args, table);
   apply(geo, input, table, args.slope.defined(), out);
   return {out, args.mean, args.invstd};
 }

@@ -69,12 +69,39 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The op's per-channel arguments (nullptr where absent) and, for bn_act_bwd_elemt, the given sums.
+template <typename T>
+struct ChannelPtrs {
+  const T *mean, *invstd, *weight, *bias, *slope;
+  bool slope_shared;
+  const T *sum_dz, *sum_dz_xhat;
+  T inv_count;
+};
+
+// Channel c's column of the coefficient table, from its statistics.
+template <typename T>
+__device__ __forceinline__ void write_coefficients(const ChannelPtrs<T>& a, T mean, T invstd, int64_t C, int64_t c,
+                                                   T* table) {
+  const T scale = (a.weight ? a.weight[c] : T(1)) * invstd;
+  const T slope = a.slope ? a.slope[a.slope_shared ? 0 : c] : T(0);
+  table[kMean * C + c] = mean;
+  table[kScale * C + c] = scale;
+  table[kBeta * C + c] = a.bias ? a.bias[c] : T(0);
+  table[kSlope * C + c] = slope;
+  table[kInvScale * C + c] = T(1) / scale;
+  table[kInvSlope * C + c] = a.slope ? T(1) / slope : T(0);
+  table[kB * C + c] = a.sum_dz ? -scale * invstd * a.sum_dz_xhat[c] * a.inv_count : T(0);
+  table[kD * C + c] = a.sum_dz ? -scale * a.sum_dz[c] * a.inv_count : T(0);
+}
+
 // Merges the G partials of each channel in a fixed order, in fp64: group g holds min(chunk, M - g * chunk)
 // elements of every channel. mean = merged mean; out2 = var = M2 / M where want_var, else 1 / sqrt(var + eps).
+// Where `table` is given (the training forward), also writes the channel's coefficients from the mean and
+// invstd just computed: one launch less than a coefficients_kernel after it.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     stats_merge_kernel(const T* part_mean, const T* part_m2, int64_t G, int64_t C, int64_t M, int64_t chunk,
-                       double eps, bool want_var, T* mean, T* out2) {
+                       double eps, bool want_var, T* mean, T* out2, ChannelPtrs<T> args, T* table) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   Welford<double> w[1] = {};
   if (c < C) {
@@ -85,35 +112,18 @@ __global__ void __launch_bounds__(kThreads)
   column_merge(w);
   if (threadIdx.y == 0 && c < C) {
     const double var = w[0].m2 / double(M);
-    mean[c] = T(w[0].mean);
-    out2[c] = T(want_var ? var : 1.0 / std::sqrt(var + eps));
+    const T channel_mean = T(w[0].mean);
+    const T second = T(want_var ? var : 1.0 / std::sqrt(var + eps));
+    mean[c] = channel_mean;
+    out2[c] = second;
+    if (table != nullptr) write_coefficients(args, channel_mean, second, C, c, table);
   }
 }
-
-// The op's per-channel arguments (nullptr where absent) and, for bn_act_bwd_elemt, the given sums.
-template <typename T>
-struct ChannelPtrs {
-  const T *mean, *invstd, *weight, *bias, *slope;
-  bool slope_shared;
-  const T *sum_dz, *sum_dz_xhat;
-  T inv_count;
-};
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) coefficients_kernel(ChannelPtrs<T> a, int64_t C, T* table) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= C) return;
-  const T invstd = a.invstd[c];
-  const T scale = (a.weight ? a.weight[c] : T(1)) * invstd;
-  const T slope = a.slope ? a.slope[a.slope_shared ? 0 : c] : T(0);
-  table[kMean * C + c] = a.mean ? a.mean[c] : T(0);
-  table[kScale * C + c] = scale;
-  table[kBeta * C + c] = a.bias ? a.bias[c] : T(0);
-  table[kSlope * C + c] = slope;
-  table[kInvScale * C + c] = T(1) / scale;
-  table[kInvSlope * C + c] = a.slope ? T(1) / slope : T(0);
-  table[kB * C + c] = a.sum_dz ? -scale * invstd * a.sum_dz_xhat[c] * a.inv_count : T(0);
-  table[kD * C + c] = a.sum_dz ? -scale * a.sum_dz[c] * a.inv_count : T(0);
+  if (c < C) write_coefficients(a, a.mean ? a.mean[c] : T(0), a.invstd[c], C, c, table);
 }
 
 // y = act(z) for the forward: one input (x).
@@ -136,10 +146,24 @@ const T* data_or_null(const Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
+template <typename T>
+ChannelPtrs<T> channel_ptrs(const ChannelArgs& args, const Tensor& sum_dz = Tensor(),
+                            const Tensor& sum_dz_xhat = Tensor(), int64_t count = 0) {
+  return {data_or_null<T>(args.mean),
+          data_or_null<T>(args.invstd),
+          data_or_null<T>(args.weight),
+          data_or_null<T>(args.bias),
+          data_or_null<T>(args.slope),
+          args.slope.defined() && args.slope.numel() == 1,
+          data_or_null<T>(sum_dz),
+          data_or_null<T>(sum_dz_xhat),
+          count > 0 ? T(1) / T(count) : T(0)};
+}
+
 }  // namespace
 
 void batch_stats(const Geometry& geo, const Tensor& x, double eps, bool want_var, const Tensor& mean,
-                 const Tensor& out2) {
+                 const Tensor& out2, const ChannelArgs* args, const Tensor& table) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fusedrect::cuda::batch_stats", [&] {
     using T = acc_t<scalar_t>;
@@ -167,9 +191,11 @@ void batch_stats(const Geometry& geo, const Tensor& x, double eps, bool want_var
       launch(uint64_t{});
     }
     const ReducePlan merge = merge_plan(geo.C);
+    const ChannelPtrs<T> ptrs = args != nullptr ? channel_ptrs<T>(*args) : ChannelPtrs<T>{};
     stats_merge_kernel<T><<<merge.grid, merge.block, 0, stream>>>(
         part_mean.const_data_ptr<T>(), part_m2.const_data_ptr<T>(), plan.groups, geo.C, geo.per_channel(),
-        plan.chunk, eps, want_var, mean.mutable_data_ptr<T>(), out2.mutable_data_ptr<T>());
+        plan.chunk, eps, want_var, mean.mutable_data_ptr<T>(), out2.mutable_data_ptr<T>(), ptrs,
+        table.defined() ? table.mutable_data_ptr<T>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -178,17 +204,8 @@ void channel_table(const ChannelArgs& args, int64_t C, const Tensor& table, cons
                    const Tensor& sum_dz_xhat, int64_t count) {
   AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "fusedrect::cuda::channel_table", [&] {
     using T = scalar_t;
-    const ChannelPtrs<T> ptrs{data_or_null<T>(args.mean),
-                              args.invstd.const_data_ptr<T>(),
-                              data_or_null<T>(args.weight),
-                              data_or_null<T>(args.bias),
-                              data_or_null<T>(args.slope),
-                              args.slope.defined() && args.slope.numel() == 1,
-                              data_or_null<T>(sum_dz),
-                              data_or_null<T>(sum_dz_xhat),
-                              count > 0 ? T(1) / T(count) : T(0)};
     coefficients_kernel<T><<<ceil_div(C, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        ptrs, C, table.mutable_data_ptr<T>());
+        channel_ptrs<T>(args, sum_dz, sum_dz_xhat, count), C, table.mutable_data_ptr<T>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -14,9 +14,10 @@ using at::Tensor;
 
 // forward.cu
 
-// Per-channel mean and, into `out2`, 1 / sqrt(var + eps), or the biased var itself where `want_var`.
+// Per-channel mean and, into `out2`, 1 / sqrt(var + eps), or the biased var itself where `want_var`. Where
+// `table` is given, also fills it from `args` as channel_table would, with the statistics just computed.
 void batch_stats(const Geometry& geo, const Tensor& x, double eps, bool want_var, const Tensor& mean,
-                 const Tensor& out2);
+                 const Tensor& out2, const ChannelArgs* args = nullptr, const Tensor& table = Tensor());
 
 // Fills the (kRows, C) coefficient table from args (mean may be undefined: 0). B and D are 0, or, where
 // sum_dz is defined, those of bn_act_bwd_elemt: B = -scale * invstd * sum_dz_xhat / count,
