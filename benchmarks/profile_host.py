@@ -11,7 +11,6 @@ import time
 
 import torch
 
-import fusedrect  # noqa: F401  (registers the ops)
 from bench_bn_prelu import eager_module, fused_module, make_input, step
 from common import DTYPES, format_table, median_ms, synchronize
 from fusedrect.ops import _backend
