@@ -341,19 +341,40 @@ void reduce_tile(const Geometry& geo, const Tile& tile, const std::array<const s
     });
   } else {
     // Channel by channel, its runs (one per sample) summed in vector lanes, one horizontal sum per channel.
+    // A run is `full` whole vectors and a tail of `tail` lanes (the same for every run of the tile), summed into
+    // U independent sums per term, vector j of a run into sums[j % U] and the tail (its lanes past the run
+    // masked out) into sums[U - 1], combined in a fixed order. With one sum per term every add waits for the one
+    // before: the statistics' passes (one or two terms of one or two operations each) took 1.4x the time in
+    // short runs. U = kBlockVectors / K keeps about kBlockVectors sums in flight; more of them slowed the
+    // backward's three terms, whose operations already fill the pipelines, by setting up and combining them.
+    constexpr size_t U = std::max<size_t>(1, kBlockVectors / K);
     const int64_t len = tile.s1 - tile.s0;
+    const int64_t full = len / V;
+    const int64_t tail = len - full * V;
+    const int64_t unrolled = full / int64_t(U) * int64_t(U);
     for (int64_t c = tile.c0; c < tile.c1; ++c) {
       const auto P = broadcast_params(params, c);
-      std::array<Vec, K> sum;
-      sum.fill(Vec(T(0)));
+      std::array<std::array<Vec, K>, U> sums;
+      static_for<U>([&](auto u) { sums[u].fill(Vec(T(0))); });
+      auto add = [&](auto u, int64_t off, int64_t n) FUSEDRECT_PER_VECTOR {
+        const auto t = terms(P, off, n);
+        for (size_t k = 0; k < K; ++k) sums[u][k] = sums[u][k] + t[k];
+      };
       for (int64_t n = tile.n0; n < tile.n1; ++n) {
         const int64_t off = (n * geo.C + c) * geo.S + tile.s0;
-        for (int64_t i = 0; i < len; i += V) {
-          const auto t = terms(P, off + i, std::min(V, len - i));
-          for (size_t k = 0; k < K; ++k) sum[k] = sum[k] + t[k];
+        for (int64_t j = 0; j < unrolled; j += U) {
+          static_for<U>([&](auto u) FUSEDRECT_PER_VECTOR { add(u, off + (j + int64_t(u)) * V, V); });
         }
+        static_for<U - 1>([&](auto u) FUSEDRECT_PER_VECTOR {
+          if (unrolled + int64_t(u) < full) add(u, off + (unrolled + int64_t(u)) * V, V);
+        });
+        if (tail != 0) add(std::integral_constant<size_t, U - 1>{}, off + full * V, tail);
       }
-      for (size_t k = 0; k < K; ++k) acc[k][c] = reduce_add(sum[k]);
+      for (size_t k = 0; k < K; ++k) {
+        Vec sum = sums[0][k];
+        static_for<U - 1>([&](auto u) { sum = sum + sums[u + 1][k]; });
+        acc[k][c] = reduce_add(sum);
+      }
     }
   }
 }
