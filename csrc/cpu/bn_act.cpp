@@ -26,7 +26,12 @@ namespace {
 
 using at::Tensor;
 
-constexpr int64_t kMergeGrain = 256;  // channels per thread when merging tile partials
+// Merging the G tile partials of C channels runs on several threads only when each gets at least kMergeWork
+// partials: the merge is a few operations per partial, and a parallel region costs more than a few thousand of
+// them (7x7 inputs: G = 6 tile rows).
+constexpr int64_t kMergeWork = 1 << 16;
+
+int64_t merge_grain(int64_t groups) { return std::max<int64_t>(1, kMergeWork / std::max<int64_t>(groups, 1)); }
 
 // The per-channel coefficients every pass reads, one row of C values each, in the statistics dtype.
 enum Row : int64_t { kMean, kScale, kBeta, kSlope, kB, kD, kInvScale, kInvSlope, kRows };
@@ -137,7 +142,7 @@ void batch_stats(const Geometry& geo, const scalar_t* x, const Store& store) {
   // Rows in order, channels innermost (contiguous, vectorised by the compiler), in fp64.
   const std::vector<int64_t> counts = tile_counts(geo, t);
   const double M = double(geo.per_channel());
-  at::parallel_for(0, C, kMergeGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, C, merge_grain(G), [&](int64_t begin, int64_t end) {
     std::vector<double> mu(end - begin, 0.0), m2(end - begin, 0.0);
     double n = 0;
     for (int64_t g = 0; g < G; ++g) {
@@ -223,7 +228,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_sums(const Geometry& geo, const Tens
   T* dgamma = sum_dz_xhat.mutable_data_ptr<T>();
   T* dslope = grad_slope.mutable_data_ptr<T>();
   const T* istd = invstd.const_data_ptr<T>();
-  at::parallel_for(0, C, kMergeGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, C, merge_grain(G), [&](int64_t begin, int64_t end) {
     std::vector<double> sums(K * (end - begin), 0.0);
     for (size_t k = 0; k < K; ++k) {
       double* s = sums.data() + k * (end - begin);
