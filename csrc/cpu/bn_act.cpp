@@ -132,8 +132,7 @@ void batch_stats(const Geometry& geo, const scalar_t* x, const Store& store) {
                                    [](const auto& P, const auto& X) {
                                      const Vec d = X[0] - P[0];
                                      return std::array<Vec, 2>{d * d, d};
-                                   },
-                                   /*prefetch_next=*/false);
+                                   });
     // Corrected two-pass: m2 = sum d^2 - (sum d)^2 / n removes the error of the rounded tile mean.
     for (int64_t c = tile.c0; c < tile.c1; ++c) tile_m2[c] -= tile_dsum[c] * tile_dsum[c] * inv_count;
   });

@@ -10,10 +10,12 @@
 //                  small, runs of whole channels over a few samples when S is small (kMinChannelElems of each
 //                  channel where N allows, fewer in the last row of tiles), a piece of one run when S is large;
 //   channels-last  rows [r0, r1) x channels [c0, c1).
-// A channels-last walk that leaves address order (a reduction's several blocks, an elementwise pass's row
-// groups) prefetches the tile after its own in address order where its tiles span every channel (C <=
-// kChannelBlock; NextTilePrefetch): the hardware prefetchers do not follow such a walk, and the tile's first
-// reads would wait on DRAM.
+// A channels-last elementwise pass over row groups (out of address order) prefetches the tile after its own in
+// address order where its tiles span every channel (C <= kChannelBlock; NextTilePrefetch): the hardware
+// prefetchers do not follow such a walk, and the tile's first reads would wait on DRAM. A reduction's blocks
+// walk without it (A/B, 2 threads, fp32 and bf16): with it the statistics took up to 1.35x the time, from DRAM
+// too (32x512x28x28), and the backward's sums 1.3-1.5x from L3 (32x256x14x14), where it saved 5-7% of the
+// latter's time from DRAM at C = 512-1024.
 // Tiles depend only on the shape, never on the thread count: a reduction writes one partial per (tile row g,
 // channel) into a (G, C) buffer and merges the G partials in a fixed order, so results are bitwise
 // reproducible.
@@ -302,12 +304,11 @@ void map_tile(const Geometry& geo, const Tile& tile, const std::array<const scal
 }
 
 // Reduction over one tile: acc[k][c] = sum over the tile's elements of channel c of f(params, inputs...)[k].
-// acc[k] is indexed by channel; lanes past a tail are masked out before they are added. prefetch_next: a
-// channels-last walk in several blocks prefetches the next tile (false for a second pass over the same tile).
+// acc[k] is indexed by channel; lanes past a tail are masked out before they are added.
 template <typename scalar_t, size_t NP, size_t NI, size_t K, typename F>
 void reduce_tile(const Geometry& geo, const Tile& tile, const std::array<const scalar_t*, NI>& in,
                  const ParamPtrs<opmath_t<scalar_t>, NP>& params, const std::array<opmath_t<scalar_t>*, K>& acc,
-                 const F& f, bool prefetch_next = true) {
+                 const F& f) {
   using T = opmath_t<scalar_t>;
   using Vec = MathVec<scalar_t>;
   constexpr int64_t V = Vec::size();
@@ -321,16 +322,12 @@ void reduce_tile(const Geometry& geo, const Tile& tile, const std::array<const s
     return t;
   };
   if (geo.channels_last) {
-    // Several blocks leave address order (one block walks the rows in it).
-    const bool prefetch = prefetch_next && tile.c1 - tile.c0 > int64_t(kBlockVectors) * V;
-    NextTilePrefetch<scalar_t, NI> next_tile(geo, tile, in);
     for_channel_blocks<kBlockVectors, V>(tile, [&](int64_t c, auto block, int64_t n) {
       constexpr size_t B = decltype(block)::value;
       std::array<std::array<Vec, K>, B> sum;
       static_for<B>([&](auto j) { sum[j].fill(Vec(T(0))); });
       for (int64_t r = tile.n0; r < tile.n1; ++r) {  // each channel's rows in order, as in NCHW
         static_for<B>([&](auto j) {  // parameters re-read from L1 where registers run out
-          if (prefetch) next_tile.step(V);
           const auto t = terms(load_params(params, c + j * V, n), r * geo.C + c + j * V, n);
           for (size_t k = 0; k < K; ++k) sum[j][k] = sum[j][k] + t[k];
         });
