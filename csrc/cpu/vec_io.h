@@ -6,7 +6,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
-#include <algorithm>
+#include <tuple>
 #include <type_traits>
 
 namespace fusedrect::cpu {
@@ -21,6 +21,9 @@ template <typename scalar_t>
 inline constexpr bool is_reduced_float_v = !std::is_same_v<scalar_t, opmath_t<scalar_t>>;
 
 // Loads `n` elements (n <= vector size). Lanes past `n` are unspecified: reductions mask them out.
+// Partial 16-bit vectors are loaded as 16-bit vectors (masked on AVX-512) and widened, not copied element by
+// element into a buffer that a vector load then reads: that load waited on the element stores (no store
+// forwarding), once per run tail, and bf16 NCHW 7x7 took 2.4x the time of fp32.
 template <typename scalar_t>
 inline MathVec<scalar_t> load(const scalar_t* p, int64_t n) {
   using Vec = MathVec<scalar_t>;
@@ -30,9 +33,7 @@ inline MathVec<scalar_t> load(const scalar_t* p, int64_t n) {
       at::vec::load_to_float<scalar_t>(p, out);
       return out;
     }
-    __at_align__ opmath_t<scalar_t> buf[Vec::size()] = {};
-    std::copy_n(p, n, buf);
-    return Vec::loadu(buf);
+    return std::get<0>(at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(p, n)));
   } else {
     return Vec::loadu(p, n);  // a masked load on AVX2/AVX512
   }
@@ -43,13 +44,12 @@ template <typename scalar_t>
 inline void store(scalar_t* p, const MathVec<scalar_t>& v, int64_t n) {
   using Vec = MathVec<scalar_t>;
   if constexpr (is_reduced_float_v<scalar_t>) {
+    const auto narrowed = at::vec::convert_from_float<scalar_t>(v, v);  // v's lanes first
     if (n == Vec::size()) {
-      at::vec::convert_from_float<scalar_t>(v, v).store(p, Vec::size());
-      return;
+      narrowed.store(p, Vec::size());  // its mask a constant
+    } else {
+      narrowed.store(p, n);  // a masked store on AVX-512
     }
-    __at_align__ opmath_t<scalar_t> buf[Vec::size()];
-    v.store(buf);
-    std::copy_n(buf, n, p);
   } else {
     v.store(p, n);
   }
