@@ -1,5 +1,5 @@
 // Loads and stores of `scalar_t` data as vectors of its math type (float for
-// bf16/fp16/fp32, double for fp64), with zero-padded partial vectors for tails.
+// bf16/fp16/fp32, double for fp64), with partial vectors for tails (their lanes past the tail unspecified).
 #pragma once
 
 #include <ATen/OpMathType.h>
