@@ -10,7 +10,13 @@ from conftest import (ACTIVATIONS, LAYOUTS, check_frozen_backward_of_non_finite_
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape", [(8, 4, 32, 32), (4096, 3), (2, 2, 200, 200)], ids=str)
+@pytest.mark.parametrize(
+    "shape",
+    # NCHW tiles of long runs, of short runs over many samples (per-position sums combined per channel), the last
+    # row of tiles of (22, 16, 7, 7) with 2 samples (walked run by run)
+    [(8, 4, 32, 32), (4096, 3), (2, 2, 200, 200), (22, 16, 7, 7), (64, 8, 3, 3)],
+    ids=str,
+)
 def test_variance_with_large_mean(shape, layout):
     """x = 1000 + randn in fp32: a naive sum(x^2) - sum(x)^2 loses every digit; we keep 1e-4."""
     x = make_input(shape, layout, torch.float32, shift=1000.0)
@@ -23,8 +29,9 @@ def test_variance_with_large_mean(shape, layout):
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_nan_and_inf_propagate_as_pytorch(layout, activation):
-    x = make_input((3, 4, 5, 5), layout)
+@pytest.mark.parametrize("shape", [(3, 4, 5, 5), (8, 4, 5, 5)], ids=str)  # NCHW statistics run by run, by position
+def test_nan_and_inf_propagate_as_pytorch(shape, layout, activation):
+    x = make_input(shape, layout)
     x[0, 1, 2, 2] = float("nan")
     x[1, 2, 0, 0] = float("inf")
     x[2, 3, 4, 4] = float("-inf")
@@ -81,10 +88,10 @@ def run_training_step(x, params, grad_out):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_bitwise_deterministic(layout, dtype):
-    shape = (16, 24, 30, 30)
+@pytest.mark.parametrize("shape", [(16, 24, 30, 30), (32, 40, 7, 7)], ids=str)  # NCHW: long runs, short runs
+def test_bitwise_deterministic(shape, layout, dtype):
     x = make_input(shape, layout, dtype, scale=3.0, shift=1.0)
-    params = [t.float() for t in make_params(24, "prelu")]
+    params = [t.float() for t in make_params(shape[1], "prelu")]
     grad_out = torch.randn(shape).to(dtype)
     first = run_training_step(x, params, grad_out)
     threads = torch.get_num_threads()

@@ -238,13 +238,19 @@ inline void static_for(const F& f) {
   static_for_each(f, std::make_index_sequence<N>{});
 }
 
+// The same over any range [begin, end) of elements: f(i, B, n) for blocks of B vectors from i, then single ones.
+template <size_t B, int64_t V, typename F>
+inline void for_vector_blocks(int64_t begin, int64_t end, const F& f) {
+  int64_t i = begin;
+  if constexpr (B > 1) {
+    for (; i + int64_t(B) * V <= end; i += B * V) f(i, std::integral_constant<size_t, B>{}, V);
+  }
+  for (; i < end; i += V) f(i, std::integral_constant<size_t, 1>{}, std::min(V, end - i));
+}
+
 template <size_t B, int64_t V, typename F>
 inline void for_channel_blocks(const Tile& tile, const F& f) {
-  int64_t c = tile.c0;
-  if constexpr (B > 1) {
-    for (; c + int64_t(B) * V <= tile.c1; c += B * V) f(c, std::integral_constant<size_t, B>{}, V);
-  }
-  for (; c < tile.c1; c += V) f(c, std::integral_constant<size_t, 1>{}, std::min(V, tile.c1 - c));
+  for_vector_blocks<B, V>(tile.c0, tile.c1, f);
 }
 
 // Elementwise pass over one tile: out = f(params, inputs...) for every element.
