@@ -115,13 +115,18 @@ constexpr int64_t kShortRunSamples = 4;
 // The local mean and sum of squared deviations of each channel of an NCHW tile of whole runs and nt >=
 // kShortRunSamples samples. A sample's part of the tile, channels [c0, c1) x S positions, is one block of
 // L = (c1 - c0) * S contiguous elements; the nt blocks are walked together in columns of vectors (no run tails:
-// one partial vector, at the end), a column's nt vectors summed, then re-read from L1:
-//   per position j:  mean_j = sum_n x[n][j] / nt,  m2_j = sum_n d^2 - (sum_n d)^2 / nt  with d = x[n][j] - mean_j,
+// one partial vector, at the end), a column's nt vectors summed, then re-read from L1. Per position j, with the
+// first sample's value k_j as the reference (x - k_j is exact where x is within 2x of k_j, and small):
+//   r_j = sum_n (x[n][j] - k_j) / nt  (the position's mean is k_j + r_j),
+//   m2_j = sum_n d^2 - (sum_n d)^2 / nt  with d = (x[n][j] - k_j) - r_j;
 // then per channel c over its S positions (Chan's combination of S groups of nt elements), walked as the runs of
-// one NCHW sample of c1 - c0 channels over the rows of mean_j and m2_j:
-//   mean_c = sum_j mean_j / S,  m2_c = sum_j m2_j + nt * (sum_j e^2 - (sum_j e)^2 / S)  with e = mean_j - mean_c.
-// Run by run, a 7x7 run was 3 vectors and a 1-lane tail, and the statistics took 2.4x the channels-last time over
-// the same bytes.
+// one NCHW sample of c1 - c0 channels over the rows of k_j, r_j and m2_j:
+//   mean_c = (sum_j k_j + sum_j r_j) / S,  m2_c = sum_j m2_j + nt * (sum_j e^2 - (sum_j e)^2 / S)
+//   with e = (k_j - mean_c) + r_j,
+// where the rounding of mean_c shifts every e alike and the (sum_j e)^2 term removes it. (Position means rounded
+// on their own instead had independent errors of eps * |mean|, and the variance of x = 300 + 2 * randn lost a
+// digit to them.) Run by run, a 7x7 run was 3 vectors and a 1-lane tail, and the statistics took 2.4x the
+// channels-last time over the same bytes.
 template <typename scalar_t>
 void short_run_stats(const Geometry& geo, const Tile& tile, const scalar_t* x, opmath_t<scalar_t>* tile_mean,
                      opmath_t<scalar_t>* tile_m2) {
@@ -135,29 +140,36 @@ void short_run_stats(const Geometry& geo, const Tile& tile, const scalar_t* x, o
   const int64_t nt = tile.n1 - tile.n0;
   const int64_t stride = geo.C * S;  // from one sample's block to the next
   const scalar_t* block = x + (tile.n0 * geo.C + tile.c0) * S;
-  std::vector<T> scratch(2 * L + 2 * width);
-  T* pos_mean = scratch.data();  // mean_j
-  T* pos_m2 = pos_mean + L;      // m2_j
-  T* e_sum = pos_m2 + L;         // per channel: sum_j e
-  T* within = e_sum + width;     // per channel: sum_j m2_j
+  std::vector<T> scratch(3 * L + 2 * width);
+  T* pos_k = scratch.data();  // k_j
+  T* pos_r = pos_k + L;       // r_j
+  T* pos_m2 = pos_r + L;      // m2_j
+  T* e_sum = pos_m2 + L;      // per channel: sum_j e
+  T* within = e_sum + width;  // per channel: sum_j m2_j
   const Vec inv_nt(T(1) / T(nt));
   for_vector_blocks<kBlockVectors, V>(0, L, [&](int64_t j, auto vectors, int64_t n) {
     constexpr size_t B = decltype(vectors)::value;
-    std::array<Vec, B> mean, sq, dev;
-    static_for<B>([&](auto b) { mean[b] = Vec(T(0)); sq[b] = Vec(T(0)); dev[b] = Vec(T(0)); });
-    for (int64_t s = 0; s < nt; ++s) {
-      static_for<B>([&](auto b) { mean[b] = mean[b] + load(block + s * stride + j + int64_t(b) * V, n); });
+    std::array<Vec, B> k, r, sq, dev;
+    static_for<B>([&](auto b) {
+      k[b] = load(block + j + int64_t(b) * V, n);
+      r[b] = Vec(T(0));
+      sq[b] = Vec(T(0));
+      dev[b] = Vec(T(0));
+    });
+    for (int64_t s = 1; s < nt; ++s) {  // the first sample's terms are 0
+      static_for<B>([&](auto b) { r[b] = r[b] + (load(block + s * stride + j + int64_t(b) * V, n) - k[b]); });
     }
-    static_for<B>([&](auto b) { mean[b] = mean[b] * inv_nt; });
+    static_for<B>([&](auto b) { r[b] = r[b] * inv_nt; });
     for (int64_t s = 0; s < nt; ++s) {
       static_for<B>([&](auto b) {
-        const Vec d = load(block + s * stride + j + int64_t(b) * V, n) - mean[b];
+        const Vec d = (load(block + s * stride + j + int64_t(b) * V, n) - k[b]) - r[b];
         sq[b] = sq[b] + d * d;
         dev[b] = dev[b] + d;
       });
     }
     static_for<B>([&](auto b) {
-      store(pos_mean + j + int64_t(b) * V, mean[b], n);
+      store(pos_k + j + int64_t(b) * V, k[b], n);
+      store(pos_r + j + int64_t(b) * V, r[b], n);
       store(pos_m2 + j + int64_t(b) * V, sq[b] - dev[b] * dev[b] * inv_nt, n);
     });
   });
@@ -165,13 +177,13 @@ void short_run_stats(const Geometry& geo, const Tile& tile, const scalar_t* x, o
   const Tile all{0, 0, 1, 0, width, 0, S};
   T* mean = tile_mean + tile.c0;
   T* m2 = tile_m2 + tile.c0;
-  reduce_tile<T, 0, 1, 1>(rows, all, {pos_mean}, {}, {mean},
-                          [](const auto&, const auto& X) { return std::array<TVec, 1>{X[0]}; });
-  for (int64_t c = 0; c < width; ++c) mean[c] /= T(S);
-  reduce_tile<T, 1, 2, 3>(rows, all, {pos_mean, pos_m2}, {mean}, {m2, e_sum, within},
+  reduce_tile<T, 0, 2, 2>(rows, all, {pos_k, pos_r}, {}, {mean, e_sum},
+                          [](const auto&, const auto& X) { return std::array<TVec, 2>{X[0], X[1]}; });
+  for (int64_t c = 0; c < width; ++c) mean[c] = (mean[c] + e_sum[c]) / T(S);  // (sum_j k_j + sum_j r_j) / S
+  reduce_tile<T, 1, 3, 3>(rows, all, {pos_k, pos_r, pos_m2}, {mean}, {m2, e_sum, within},
                           [](const auto& P, const auto& X) {
-                            const TVec e = X[0] - P[0];
-                            return std::array<TVec, 3>{e * e, e, X[1]};
+                            const TVec e = (X[0] - P[0]) + X[1];
+                            return std::array<TVec, 3>{e * e, e, X[2]};
                           });
   for (int64_t c = 0; c < width; ++c) m2[c] = within[c] + T(nt) * (m2[c] - e_sum[c] * e_sum[c] / T(S));
 }
