@@ -31,17 +31,22 @@ def test_variance_with_large_mean(shape, layout):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", [(3, 4, 5, 5), (8, 4, 5, 5)], ids=str)  # NCHW statistics run by run, by position
 def test_nan_and_inf_propagate_as_pytorch(shape, layout, activation):
+    """Outputs and updated running statistics as PyTorch's: channel 0 has an infinity in the first sample (an
+    infinite mean, as PyTorch's), channels 1-3 a NaN, an infinity and a negative infinity."""
     x = make_input(shape, layout)
+    x[0, 0, 1, 1] = float("inf")
     x[0, 1, 2, 2] = float("nan")
     x[1, 2, 0, 0] = float("inf")
     x[2, 3, 4, 4] = float("-inf")
     weight, bias, slope = (t.float() if t is not None else None for t in make_params(4, activation))
-    running_mean, running_var = torch.zeros(4), torch.ones(4)
     for training in (True, False):
-        ours = fused_call(x, running_mean.clone(), running_var.clone(), weight, bias, slope, training, "cpp")
-        z = F.batch_norm(x, running_mean.clone(), running_var.clone(), weight, bias, training)
+        stats = {who: (torch.zeros(4), torch.ones(4)) for who in ("ours", "theirs")}
+        ours = fused_call(x, *stats["ours"], weight, bias, slope, training, "cpp")
+        z = F.batch_norm(x, *stats["theirs"], weight, bias, training)
         theirs = F.relu(z) if slope is None else F.prelu(z, slope)
         torch.testing.assert_close(ours, theirs, equal_nan=True)
+        for got, expected in zip(stats["ours"], stats["theirs"]):
+            torch.testing.assert_close(got, expected, equal_nan=True)
 
 
 @pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])

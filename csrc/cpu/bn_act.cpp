@@ -116,7 +116,8 @@ constexpr int64_t kShortRunSamples = 4;
 // kShortRunSamples samples. A sample's part of the tile, channels [c0, c1) x S positions, is one block of
 // L = (c1 - c0) * S contiguous elements; the nt blocks are walked together in columns of vectors (no run tails:
 // one partial vector, at the end), a column's nt vectors summed, then re-read from L1. Per position j, with the
-// first sample's value k_j as the reference (x - k_j is exact where x is within 2x of k_j, and small):
+// first sample's value k_j as the reference (x - k_j is exact where x is within 2x of k_j, and small; 0 where that
+// value is infinite or NaN, so that an infinite input makes the mean infinite, as PyTorch's, not NaN):
 //   r_j = sum_n (x[n][j] - k_j) / nt  (the position's mean is k_j + r_j),
 //   m2_j = sum_n d^2 - (sum_n d)^2 / nt  with d = (x[n][j] - k_j) - r_j;
 // then per channel c over its S positions (Chan's combination of S groups of nt elements), walked as the runs of
@@ -151,12 +152,13 @@ void short_run_stats(const Geometry& geo, const Tile& tile, const scalar_t* x, o
     constexpr size_t B = decltype(vectors)::value;
     std::array<Vec, B> k, r, sq, dev;
     static_for<B>([&](auto b) {
-      k[b] = load(block + j + int64_t(b) * V, n);
+      const Vec first = load(block + j + int64_t(b) * V, n);
+      k[b] = Vec::blendv(Vec(T(0)), first, (first - first) == Vec(T(0)));  // an infinite or NaN reference: 0
       r[b] = Vec(T(0));
       sq[b] = Vec(T(0));
       dev[b] = Vec(T(0));
     });
-    for (int64_t s = 1; s < nt; ++s) {  // the first sample's terms are 0
+    for (int64_t s = 0; s < nt; ++s) {
       static_for<B>([&](auto b) { r[b] = r[b] + (load(block + s * stride + j + int64_t(b) * V, n) - k[b]); });
     }
     static_for<B>([&](auto b) { r[b] = r[b] * inv_nt; });
