@@ -2,7 +2,9 @@
 
 For every activation, shape, memory layout and mode, in one run: the time of one copy of the input (the
 bandwidth yardstick), each provider's median time, its multiple of that copy, the speedups of fusedrect over
-eager and over compile, and the bytes each provider saves for backward. Example:
+eager and over compile, and the bytes each provider saves for backward. On a GPU, ``--cuda-graphs`` times every
+provider's step (and the copy) replayed from a CUDA graph: the device's work alone, without the host's time
+to issue it, which decides a single layer's time at these sizes otherwise. Example:
 
     python benchmarks/bench_bn_prelu.py --json benchmarks/results/cpu.json --plot benchmarks/results/cpu.png
 """
@@ -16,8 +18,8 @@ from torch import nn
 import fusedrect
 from fusedrect.ops import _backend
 
-from common import (DTYPES, Progress, copy_step, finish, format_table, geometric_mean, median_ms, pyplot,
-                    saved_bytes, speedup_bars)
+from common import (DTYPES, Progress, copy_step, cuda_graphed, finish, format_table, geometric_mean, median_ms,
+                    pyplot, saved_bytes, speedup_bars)
 
 RESNET_STAGES = ["32x64x56x56", "32x128x28x28", "32x256x14x14", "32x512x7x7"]
 # frozen_fwd_bwd (opt-in): eval-mode forward + backward with every parameter frozen, as when fine-tuning a
@@ -39,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--providers", default="eager,compile,fusedrect", help="eager, compile, fusedrect")
     p.add_argument("--iters", type=int, default=10, help="timed iterations (median reported)")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="time each step replayed from a CUDA graph (CUDA only): device time without host overhead")
     p.add_argument("--json", help="write one record per measurement to this path")
     p.add_argument("--plot", help="write a PNG bar chart of the speedups to this path")
     args = p.parse_args(argv)
@@ -53,6 +57,8 @@ def parse_args(argv=None):
     args.device = torch.device(args.device)
     if args.device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
+    if args.cuda_graphs and args.device.type != "cuda":
+        p.error("--cuda-graphs: needs --device cuda")
     return args
 
 
@@ -137,6 +143,8 @@ def run(args):
             steps = {(a, p, b): step(module, mode, x, grad) for a, p, b, module in providers}
             fns = {"copy": copy_step(x.detach())}
             fns.update({name: run for name, (run, _) in steps.items()})
+            if args.cuda_graphs:
+                fns = {name: cuda_graphed(fn) for name, fn in fns.items()}
             ms = median_ms(fns, args.device, args.warmup, args.iters)
             for activation, provider, backend, module in providers:
                 forward = steps[(activation, provider, backend)][1]
@@ -145,7 +153,7 @@ def run(args):
                     "op": f"bn_{activation}", "provider": provider, "backend": backend, "mode": mode,
                     "activation": activation, "shape": list(shape), "memory_format": layout,
                     "dtype": args.dtype, "device": str(args.device), "median_ms": ms[(activation, provider, backend)],
-                    "copy_ms": ms["copy"], "saved_bytes": saved,
+                    "copy_ms": ms["copy"], "saved_bytes": saved, "cuda_graphs": args.cuda_graphs,
                 })
     return records
 

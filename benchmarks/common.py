@@ -62,6 +62,22 @@ def device_timed(device, flush_bytes=256 << 20):
     return timed
 
 
+def cuda_graphed(fn, warmup=3):
+    """``fn`` captured once in a CUDA graph, as its replay: the same kernels issued with no host work (no Python,
+    no dispatcher, no launches one by one), so what is timed is the device's work alone. ``fn`` runs ``warmup``
+    times on a side stream first (compilation, autotuning and the allocations happen there, as capture needs)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def copy_step(x):
     """One ``dst.copy_(x)`` of the same tensor: the memory-bandwidth yardstick (1 read + 1 write)."""
     dst = torch.empty_like(x)

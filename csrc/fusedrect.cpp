@@ -1,8 +1,10 @@
 // The op schemas of fusedrect (the only place with m.def) and the Python module fusedrect._C.
-// The CPU implementations register per op with the dispatcher (csrc/cpu/*.cpp). The CUDA kernel of every
-// BatchNorm op is a Python router (fusedrect/ops/bn_act.py) that runs the Triton launchers or the CUDA C++
-// functions of csrc/cuda, which this module exposes as fusedrect._C.cuda.<op name> (same signature as the op;
-// present only in a build with CUDA); that of the pre-activation convolution ops is fusedrect/ops/preact_conv.py.
+// The CPU implementations register per op with the dispatcher (csrc/cpu/*.cpp). In a build with CUDA, the CUDA
+// kernel of every BatchNorm op is C++ (cuda/router.cpp: the CUDA C++ functions of csrc/cuda, or the Triton
+// launchers through a Python router where FUSEDRECT_BACKEND=triton), and this module exposes those functions as
+// fusedrect._C.cuda.<op name> (same signature as the op); in a build without, the CUDA kernel is a Python router
+// that runs Triton (fusedrect/ops/bn_act.py). That of the pre-activation convolution ops is
+// fusedrect/ops/preact_conv.py.
 // The forward ops' autograd is C++ (autograd.cpp), the running-statistics update a composite of ATen ops with
 // a one-loop CPU kernel (running_stats.cpp); fake (meta) implementations, and the backward ops' autograd (which
 // raises on a second order gradient), are registered in Python next to each op (fusedrect/ops/).
@@ -19,6 +21,7 @@
 
 #ifdef FUSEDRECT_WITH_CUDA
 #include "cuda/bn_act.h"
+#include "cuda/router.h"
 #endif
 
 TORCH_LIBRARY(fusedrect, m) {
@@ -96,7 +99,8 @@ PYBIND11_MODULE(_C, m) {
   m.attr("cuda_runtime_version") = fusedrect::cuda::runtime_version();
   namespace fc = fusedrect::cuda;
   auto cuda = m.def_submodule("cuda", "The CUDA C++ implementations of the ops (the `cuda` backend), one function "
-                                      "per op with the op's signature; called by the ops' CUDA router.");
+                                      "per op with the op's signature (the ops' CUDA kernels where FUSEDRECT_BACKEND "
+                                      "does not name triton).");
   const auto release = pybind11::call_guard<pybind11::gil_scoped_release>();
   cuda.def("bn_act_fwd_train", &fc::bn_act_fwd_train, release);
   cuda.def("bn_act_fwd_eval", &fc::bn_act_fwd_eval, release);
@@ -105,6 +109,8 @@ PYBIND11_MODULE(_C, m) {
   cuda.def("bn_stats", &fc::bn_stats, release);
   cuda.def("bn_act_bwd_reduce", &fc::bn_act_bwd_reduce, release);
   cuda.def("bn_act_bwd_elemt", &fc::bn_act_bwd_elemt, release);
+  cuda.def("set_python_router", &fc::set_python_router,
+           "route(op_name, *args): the ops' CUDA kernels hand it their calls where FUSEDRECT_BACKEND=triton.");
 #else
   m.attr("cuda_runtime_version") = 0;
 #endif

@@ -125,6 +125,36 @@ def test_every_routed_op_has_one_cuda_kernel():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedrect::{name}", "CUDA"), name
 
 
+def cuda_kernel(name, *args):
+    """The dispatcher's CUDA kernel of op ``name`` called on (CPU) tensors: the router, as a CUDA tensor gets it."""
+    return getattr(torch.ops.fusedrect, name).default.redispatch(
+        torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA), *args)
+
+
+@pytest.mark.skipif(_backend.cuda_module() is None, reason="the C++ router is the CUDA part's")
+def test_the_cuda_kernels_are_the_cpp_router_in_a_cuda_build():
+    for name in bn_act._ROUTED:
+        assert "csrc/cuda/router.cpp" in torch._C._dispatch_dump(f"fusedrect::{name}"), name
+
+
+@pytest.mark.skipif(_backend.cuda_module() is None, reason="the C++ router is the CUDA part's")
+@pytest.mark.parametrize("env", [None, "cuda", "auto", "triton"])
+def test_the_cpp_router_runs_cuda_cpp_unless_triton_is_named(monkeypatch, env):
+    """The CUDA C++ implementation rejects a CPU tensor itself; a Triton call reaches the Python router, which
+    rejects it (no interpreter in this process: tests/interpret runs the Triton path through it)."""
+    if env is None:
+        monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(_backend.ENV_VAR, env)
+    x = torch.randn(4, 3, 2, 2)
+    error = ("backend 'triton' cannot run: it runs on CPU tensors only under TRITON_INTERPRET=1" if env == "triton"
+             else "input: expected a CUDA tensor")
+    with pytest.raises(RuntimeError, match=error):
+        cuda_kernel("bn_act_fwd_train", x, None, None, None, 1e-5)
+    with pytest.raises(RuntimeError, match=error):
+        cuda_kernel("bn_act_bwd_elemt", x, x, *[torch.zeros(3)] * 2, None, None, None, *[torch.zeros(3)] * 2, 48)
+
+
 @pytest.mark.parametrize("env", ["triton", "cuda"])
 def test_a_backend_other_than_the_routers_goes_direct(monkeypatch, env):
     monkeypatch.setenv(_backend.ENV_VAR, env)

@@ -1,8 +1,8 @@
 """GPU tests of the CUDA backends, Triton and the CUDA C++ kernels, with one test body for both (marked gpu;
 skipped without a CUDA device): against the reference in fp32/bf16/fp16, gradcheck in fp64, drop-in module
 steps with running statistics, bitwise determinism, a tensor with more than 2**31 elements,
-torch.compile(fullgraph=True) through the ops, the SyncBN ops, the direct path, and the two backends
-against each other on the same inputs.
+torch.compile(fullgraph=True) through the ops, CUDA graph capture, the SyncBN ops, the direct path, and the two
+backends against each other on the same inputs.
 
 A test that takes a backend runs it through the dispatcher: FUSEDRECT_BACKEND names it, so the ops' CUDA
 router picks it (test_gpu_direct_path covers the other way in)."""
@@ -133,6 +133,64 @@ def test_gpu_compile_fullgraph(activation, backend):
                                       None if activation == "relu" else fused.slope.double())[0]
     torch.testing.assert_close(y.double(), expected, atol=1e-4, rtol=1e-4)
     assert fusedrect.build_info()["compiled"]
+
+
+def captured(fn):
+    """``fn`` captured in a CUDA graph after two runs on a side stream, and what the capture returned."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gpu_cuda_graph_replays_match_plain_steps(layout, momentum, backend):
+    """Training steps (forward, backward, running statistics; momentum=None keeps its count on the device) and an
+    eval forward replayed from CUDA graphs give bitwise what the same steps give run one by one: nothing in them
+    reads a value back to the host or synchronises."""
+    modules = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        modules.append(fusedrect.FusedBNPReLU(16, momentum=momentum, backend=backend).cuda())
+    graphed, plain = modules
+    batches = [make_input((8, 16, 9, 9), layout, shift=float(i)).cuda() for i in range(5)]
+    grad = make_input((8, 16, 9, 9), layout).cuda()
+    static = batches[0].clone().requires_grad_()
+
+    def train_step(module, x):
+        x.grad = None
+        module(x).backward(grad)
+        return x.grad
+
+    def eval_step(module, x):
+        with torch.no_grad():
+            return module.eval()(x)
+
+    graph, static_grad = captured(lambda: train_step(graphed.train(), static))  # two steps on batch 0
+    for _ in range(2):
+        train_step(plain.train(), batches[0].clone().requires_grad_())
+    for x in batches[1:3]:
+        static.detach().copy_(x)
+        graph.replay()
+        assert torch.equal(static_grad, train_step(plain.train(), x.clone().requires_grad_()))
+    for name in ("running_mean", "running_var", "num_batches_tracked", "weight", "bias", "slope"):
+        got, want = getattr(graphed, name), getattr(plain, name)
+        assert torch.equal(got, want), name
+        if isinstance(got, torch.nn.Parameter):
+            assert torch.equal(got.grad, want.grad), name
+    graph, static_out = captured(lambda: eval_step(graphed, static))
+    for x in batches[3:]:
+        static.detach().copy_(x)
+        graph.replay()
+        assert torch.equal(static_out, eval_step(plain, x))
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

@@ -1,7 +1,6 @@
 // The CUDA C++ implementations of the BatchNorm + ReLU/PReLU ops (the `cuda` backend), one host function per
-// op with the op's schema (csrc/fusedrect.cpp). They are not registered with the dispatcher: the CUDA kernel
-// of every op is the Python router of fusedrect/ops/bn_act.py, which calls these through `fusedrect._C.cuda`
-// or the Triton launchers.
+// op with the op's schema (csrc/fusedrect.cpp). The ops' CUDA kernels (router.cpp) run them unless
+// FUSEDRECT_BACKEND names triton; Python reaches them directly as `fusedrect._C.cuda.<op name>`.
 #pragma once
 
 #include <ATen/core/Tensor.h>

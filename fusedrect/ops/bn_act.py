@@ -8,9 +8,10 @@ running statistics. Backward recomputes the activation from ``x``; only ``x``, t
 per-channel statistics are saved (in the memory-efficient mode, ``y`` instead of ``x``).
 
 Kernels reach the ops through the dispatcher, which is what ``torch.compile`` and ``opcheck`` see. CPU: the
-C++ kernels registered by ``fusedrect._C``. CUDA: one router per op, registered below, that runs the
-implementation ``_backend.cuda_implementation`` picks for the op's tensor (the Triton launchers or the CUDA
-C++ functions of ``fusedrect._C.cuda``). A backend that the dispatcher would not run for a tensor (an
+C++ kernels registered by ``fusedrect._C``. CUDA: the implementation ``_backend.cuda_implementation`` picks
+for the op's tensor (the Triton launchers or the CUDA C++ functions of ``fusedrect._C.cuda``), through one
+router per op: in C++ where the extension has its CUDA part (csrc/cuda/router.cpp, which hands Triton calls to
+the Python router below), else the Python router, registered below. A backend that the dispatcher would not run for a tensor (an
 explicit ``backend=`` other than the router's pick, or Triton in its interpreter on CPU tensors) is called
 directly under an autograd.Function whose backward runs that backend's backward (as csrc/autograd.cpp does
 through the dispatcher).
@@ -163,8 +164,12 @@ if _backend.compiled():
 
     torch.library.register_autograd("fusedrect::bn_act_bwd", _no_double_backward)
     torch.library.register_autograd("fusedrect::bn_act_bwd_from_output", _no_double_backward)
-    for _name in _ROUTED:
-        torch.library.register_kernel(f"fusedrect::{_name}", "cuda", _router(_name))
+    _ROUTERS = {_name: _router(_name) for _name in _ROUTED}
+    if _backend.cuda_module() is not None:  # the CUDA kernels are csrc/cuda/router.cpp's
+        _backend.cuda_module().set_python_router(lambda name, *args: _ROUTERS[name](*args))
+    else:
+        for _name, _route in _ROUTERS.items():
+            torch.library.register_kernel(f"fusedrect::{_name}", "cuda", _route)
 
 
 def direct_function(doc, run, setup, backward):

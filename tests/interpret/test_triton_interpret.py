@@ -12,7 +12,7 @@ from conftest import (ACTIVATIONS, LAYOUTS, check_frozen_backward_of_non_finite_
                       check_no_gradient_for_the_output, fused_call, fused_forward_backward, fused_module, make_input,
                       make_params, torch_modules)
 from fusedrect import reference
-from fusedrect.ops import sync_bn
+from fusedrect.ops import _backend, sync_bn
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (see tests/test_triton_interpreter.py)"
 
@@ -113,6 +113,23 @@ def test_environment_selects_triton(monkeypatch):
     monkeypatch.setattr(kernels, "bn_act_fwd_train", lambda *a: calls.append(1) or original(*a))
     fusedrect.FusedBNReLU(3)(torch.randn(4, 3, 2, 2))
     assert calls == [1]
+
+
+@pytest.mark.skipif(_backend.cuda_module() is None, reason="the C++ router is the CUDA part's")
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cpp_router_hands_triton_calls_to_the_python_router(monkeypatch, layout):
+    """FUSEDRECT_BACKEND=triton: the ops' CUDA kernels (csrc/cuda/router.cpp) run the Triton launchers through
+    the Python router, here on CPU tensors in the interpreter."""
+    monkeypatch.setenv("FUSEDRECT_BACKEND", "triton")
+    cuda = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    x = make_input((4, 3, 3, 3), layout, torch.float64, scale=2.0, shift=0.5)
+    grad = torch.randn_like(x)
+    weight, bias, slope = make_params(3, "prelu")
+    y, mean, invstd = torch.ops.fusedrect.bn_act_fwd_train.default.redispatch(cuda, x, weight, bias, slope, 1e-5)
+    expected_y, expected_mean, expected_invstd = reference.bn_act_train(x, weight, bias, slope, 1e-5)
+    torch.testing.assert_close((y, mean, invstd), (expected_y, expected_mean, expected_invstd))
+    grads = torch.ops.fusedrect.bn_act_bwd.default.redispatch(cuda, grad, x, mean, invstd, weight, bias, slope, True)
+    torch.testing.assert_close(grads, torch.ops.fusedrect.bn_act_bwd(grad, x, mean, invstd, weight, bias, slope, True))
 
 
 def test_triton_is_deterministic():
