@@ -127,7 +127,16 @@ def make_input(shape, layout, device, dtype):
 
 def run(args):
     """Every provider of every activation is timed in turns with the copy, per shape, layout and mode: their
-    ratios (PReLU against ReLU included) come from the same moments of the machine."""
+    ratios (PReLU against ReLU included) come from the same moments of the machine. With --cuda-graphs all of
+    it runs on a side stream: a capture may not touch the legacy default stream, on which autograd would
+    otherwise synchronise the backward of inputs and parameters made there."""
+    if args.cuda_graphs:
+        with torch.cuda.stream(torch.cuda.Stream(args.device)):
+            return measure(args)
+    return measure(args)
+
+
+def measure(args):
     records = []
     configs = [(shape, layout) for shape in args.shapes for layout in args.layouts]
     progress = Progress(len(configs) * len(args.modes))

@@ -1,7 +1,9 @@
 """Host-side cost of a BatchNorm + PReLU/ReLU layer on a GPU: the time the CPU takes to issue one step of each
 provider (launches, dispatch, Python), next to the device time of bench_bn_prelu.py. A layer whose host time
 exceeds its device time leaves the GPU waiting, however fast its kernels are. Then torch.profiler's table of
-the host time per op of one fused training step, by backend. Example:
+the host time per op of one fused training step, by backend. On CUDA with the CUDA C++ backend, first the host
+time per call at each level of the call stack (the extension's function called directly, the op through the
+dispatcher, the module), each called back to back. Example:
 
     python benchmarks/profile_host.py --shape 32x128x28x28 --layout channels_last
 """
@@ -43,6 +45,49 @@ def host_ms(run, device, iters):
     return statistics.median(times)
 
 
+def back_to_back_us(run, iters):
+    """Host microseconds per call of ``run()`` called ``iters`` times in a row (the device queue never drains:
+    the host's rate of issuing is what is measured)."""
+    for _ in range(10):
+        run()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        run()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / iters * 1e6
+
+
+def call_stack_rows(x, grad, eager, fused, iters):
+    """Host time per call of the CUDA C++ backend's ops at each level, and of the modules, with eager's."""
+    cuda = _backend.cuda_module()
+    x0, C = x.detach(), x.shape[1]
+    w, b, s = (torch.full((C,), v, device=x.device) for v in (1.0, 0.0, 0.25))
+    mean, invstd = cuda.bn_stats(x0)
+    rm, rv = torch.zeros(C, device=x.device), torch.ones(C, device=x.device)
+    one = torch.zeros(1, device=x.device)
+    ops = torch.ops.fusedrect
+    calls = [
+        ("one ATen op on a single element (a launch)", lambda: one.add_(0)),
+        ("_C.cuda.bn_act_fwd_train (direct)", lambda: cuda.bn_act_fwd_train(x0, w, b, s, 1e-5)),
+        ("torch.ops.fusedrect.bn_act_fwd_train", lambda: ops.bn_act_fwd_train(x0, w, b, s, 1e-5)),
+        ("_C.cuda.bn_act_fwd_eval (direct)", lambda: cuda.bn_act_fwd_eval(x0, mean, invstd, w, b, s)),
+        ("torch.ops.fusedrect.bn_act_fwd_eval", lambda: ops.bn_act_fwd_eval(x0, mean, invstd, w, b, s)),
+        ("_C.cuda.bn_act_bwd (direct)", lambda: cuda.bn_act_bwd(grad, x0, mean, invstd, w, b, s, True)),
+        ("torch.ops.fusedrect.bn_act_bwd", lambda: ops.bn_act_bwd(grad, x0, mean, invstd, w, b, s, True)),
+        ("torch.ops.fusedrect.bn_update_running_stats",
+         lambda: ops.bn_update_running_stats(rm, rv, mean, invstd, 1e-5, x0.numel() // C, 0.1, None)),
+        ("torch.batch_norm, training (eager's op)", lambda: torch.batch_norm(x0, w, b, rm, rv, True, 0.1, 1e-5, True)),
+    ]
+    with torch.no_grad():
+        rows = [[name, f"{back_to_back_us(run, iters):.1f}"] for name, run in calls]
+    for mode in ("train_fwd", "train_fwd_bwd", "eval_fwd"):
+        for name, module in (("eager", eager), ("fusedrect:cuda", fused)):
+            rows.append([f"{name} module, {mode}", f"{back_to_back_us(step(module, mode, x, grad)[0], iters):.1f}"])
+    return rows
+
+
 def profile_table(run, device, rows):
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -64,6 +109,12 @@ def main(argv=None):
     eager = eager_module(args.shape[1], args.activation, args.device, dtype)
     providers = [("eager", eager)] + [(f"fusedrect:{b}", fused_module(eager, args.activation, b))
                                       for b in _backend.available(args.device)]
+    if args.device.type == "cuda" and "cuda" in _backend.available(args.device):
+        fused = dict(providers)["fusedrect:cuda"]
+        print(f"host us per call, back to back ({'x'.join(map(str, args.shape))} {args.layout} {args.dtype}, "
+              f"no_grad for the ops)")
+        print(format_table(["call", "host us"], call_stack_rows(x, grad, eager, fused, 10 * args.iters)))
+        print()
     rows = []
     for mode in ("train_fwd", "train_fwd_bwd", "eval_fwd"):
         runs = {name: step(module, mode, x, grad)[0] for name, module in providers}

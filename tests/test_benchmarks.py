@@ -5,6 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 
@@ -65,3 +68,23 @@ def test_profile_host_reports_every_mode_and_provider():
     assert {(r[0], r[1]) for r in rows} == {(m, p) for m in modes for p in ("eager", "fusedrect:cpp")}
     assert len(rows) == 6 and all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)  # host ms, device ms
     assert result.stdout.count("train_fwd_bwd: host time per op") == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bn_prelu_benchmark_in_cuda_graphs(tmp_path):
+    modes = ["train_fwd", "train_fwd_bwd", "eval_fwd"]
+    result = run_benchmark("bench_bn_prelu.py", "--device", "cuda", "--cuda-graphs", "--shapes", "4x8x5x5",
+                           "--modes", ",".join(modes), tmp_path=tmp_path)
+    records = result["records"]
+    assert {(r["provider"], r["mode"]) for r in records} >= {(p, m) for p in ("eager", "compile", "fusedrect")
+                                                              for m in modes}
+    assert all(r["cuda_graphs"] and r["median_ms"] > 0 for r in records)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_profile_host_reports_the_call_stack_on_cuda():
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "profile_host.py"), "--shape", "4x8x5x5", "--iters",
+                             "3", "--profile-rows", "0"], check=True, capture_output=True, text=True, timeout=300)
+    assert "torch.ops.fusedrect.bn_act_bwd" in result.stdout and "fusedrect:cuda module, eval_fwd" in result.stdout
