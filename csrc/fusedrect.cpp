@@ -59,6 +59,9 @@ TORCH_LIBRARY(fusedrect, m) {
   // instead of momentum.
   m.def("bn_update_running_stats(Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor mean, Tensor invstd,"
         " float eps, int count, float momentum, Tensor? momentum_tensor) -> ()");
+  // Eval mode's statistic from a running variance: invstd = 1 / sqrt(var + eps), computed in `dtype` (the
+  // statistics dtype, float or double) after converting var to it, as (var.to(dtype) + eps).rsqrt_() rounds it.
+  m.def("bn_invstd(Tensor var, float eps, ScalarType dtype) -> Tensor");
 
   // Pre-activation convolution conv2d(act(BN(x)), conv_weight, conv_bias) (He et al. 2016, "Identity Mappings
   // in Deep Residual Networks"): the activation is never stored. Training forward returns (out, mean, invstd).

@@ -1,8 +1,10 @@
-// The running-statistics update of the training forward (schema in fusedrect.cpp): for every device a few
-// ATen ops on (C,) tensors (running_stats.h), in C++ so that a layer's forward pays one dispatcher call for it
-// instead of eight Python ones (about 20 us on CPU); for contiguous CPU tensors one loop over the channels
+// The running-statistics ops (schemas in fusedrect.cpp). The update of the training forward: for every device a
+// few ATen ops on (C,) tensors (running_stats.h), in C++ so that a layer's forward pays one dispatcher call for
+// it instead of eight Python ones (about 20 us on CPU); for contiguous CPU tensors one loop over the channels
 // instead of those seven ops (about 10 us less per training forward), for CUDA tensors one kernel
 // (cuda/running_stats.cu). fusedrect/reference.py's update_running_stats is the ground truth, bit for bit.
+// The eval forward's invstd from the running variance: likewise one loop (CPU) or one kernel (CUDA) in place
+// of a conversion, an add and an rsqrt, bit for bit as they round it.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -77,14 +79,36 @@ void bn_update_running_stats_cpu(const std::optional<Tensor>& running_mean, cons
   });
 }
 
+// invstd_c = 1 / sqrt(S(var_c) + S(eps)) in S = dtype: ATen's vectorised rsqrt is 1 / sqrt too, each step
+// correctly rounded.
+Tensor bn_invstd_cpu(const Tensor& var, double eps, at::ScalarType dtype) {
+  if (!(dtype == at::kFloat || dtype == at::kDouble) || !at::isFloatingType(var.scalar_type()) ||
+      !plain_vector(var, at::Device(at::kCPU), var.numel())) {
+    return invstd_composite(var, eps, dtype);
+  }
+  const int64_t C = var.numel();
+  Tensor out = at::empty({C}, var.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES(dtype, "bn_invstd", [&] {
+    using S = scalar_t;
+    S* o = out.mutable_data_ptr<S>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, var.scalar_type(), "bn_invstd", [&] {
+      const scalar_t* v = var.const_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < C; ++c) o[c] = S(1) / std::sqrt(S(v[c]) + S(eps));
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedrect, CompositeExplicitAutograd, m) {
   m.impl("bn_update_running_stats", &update_running_stats_composite);
+  m.impl("bn_invstd", &invstd_composite);
 }
 
 TORCH_LIBRARY_IMPL(fusedrect, CPU, m) {
   m.impl("bn_update_running_stats", &bn_update_running_stats_cpu);
+  m.impl("bn_invstd", &bn_invstd_cpu);
 }
 
 }  // namespace fusedrect

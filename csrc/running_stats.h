@@ -1,7 +1,8 @@
-// What the running-statistics update shares between devices (running_stats.cpp, cuda/running_stats.cu): the
-// composite of ATen ops that every device can run, and the tests of what the one-pass kernels can take.
-//   running_mean = lerp(running_mean, mean, momentum)
-//   running_var  = lerp(running_var, max(1 / invstd^2 - eps, 0) * count / (count - 1), momentum)
+// What the running-statistics ops share between devices (running_stats.cpp, cuda/running_stats.cu): the
+// composites of ATen ops that every device can run, and the tests of what the one-pass kernels can take.
+//   update:  running_mean = lerp(running_mean, mean, momentum)
+//            running_var  = lerp(running_var, max(1 / invstd^2 - eps, 0) * count / (count - 1), momentum)
+//   invstd:  1 / sqrt(var + eps)
 #pragma once
 
 #include <ATen/ATen.h>
@@ -34,6 +35,15 @@ inline void update_running_stats_composite(const std::optional<at::Tensor>& runn
   if (running_var.has_value() && running_var->defined()) {
     blend(*running_var, invstd.pow(-2).sub_(eps).clamp_min_(0).mul_(double(count) / double(count - 1)));
   }
+}
+
+// bn_invstd: (var.to(dtype) + eps).rsqrt_(), dtype float or double.
+inline at::Tensor invstd_composite(const at::Tensor& var, double eps, at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kDouble, "dtype: expected float32 or float64, got ", dtype);
+  TORCH_CHECK_TYPE(at::isFloatingType(var.scalar_type()), "var: expected a floating-point tensor, got ",
+                   var.scalar_type());
+  const at::NoGradGuard no_grad;
+  return var.to(dtype).add(eps).rsqrt_();
 }
 
 // A contiguous (numel,) tensor on `device`: what the one-pass kernels walk.

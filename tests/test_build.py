@@ -74,12 +74,14 @@ CUDA_KERNELS = {
     "stats_cl_kernel": 8,
     "stats_merge_kernel": 2,  # fp32 / fp64 statistics
     "coefficients_kernel": 2,
-    "elementwise_nchw_kernel": 40,  # (apply: ReLU, PReLU; dx: ReLU, PReLU, from output) x 4 dtypes x 2 widths
-    "elementwise_cl_kernel": 40,
+    # (apply from the table or given statistics: ReLU, PReLU; dx: ReLU, PReLU, from output) x 4 dtypes x 2 widths
+    "elementwise_nchw_kernel": 56,
+    "elementwise_cl_kernel": 56,
     "bwd_reduce_nchw_kernel": 24,  # (ReLU, PReLU, from output) x 4 dtypes x 2 widths
     "bwd_reduce_cl_kernel": 24,
     "bwd_finalize_kernel": 2,
     "running_stats_kernel": 8,  # fp32 / fp64 statistics x fp64, fp32, fp16, bf16 running buffers
+    "invstd_kernel": 8,  # fp32 / fp64 statistics x fp64, fp32, fp16, bf16 running variance
 }
 
 

@@ -35,7 +35,7 @@ BINDING = """#include <torch/csrc/utils/pybind.h>
 PYBIND11_MODULE(fusedrect_cuda_emulated, m) {
 %s
 }
-""" % "\n".join(f'  m.def("{op}", &fusedrect::cuda::{op});' for op in (*OPS, "bn_update_running_stats"))
+""" % "\n".join(f'  m.def("{op}", &fusedrect::cuda::{op});' for op in (*OPS, "bn_update_running_stats", "bn_invstd"))
 
 
 def write_if_changed(path, text):
@@ -118,6 +118,8 @@ def test_emulated_cuda_kernels_match_the_cpu_ops(emulated, shape, layout, dtype,
     exact_mean, exact_invstd = reference.batch_stats(x.double(), 1e-5)  # closer than the CPU ops' fp32 tiles
     assert_near(mean, exact_mean.to(stats), 2e-7 if stats == torch.float32 else 1e-12)
     assert_near(invstd, exact_invstd.to(stats), 1e-6 if stats == torch.float32 else 1e-12)
+    # Eval computes each channel's coefficients in its pass, as the training forward's merge wrote them: the same y.
+    assert torch.equal(emulated.bn_act_fwd_eval(x, mean, invstd, weight, bias, slope), y)
     args = (want_mean, want_invstd, weight, bias, slope)
     assert_near(emulated.bn_act_fwd_eval(x, *args), ops.bn_act_fwd_eval(x.clone(), *args), tol)
     for batch_stats in (True, False):
@@ -177,3 +179,12 @@ def test_emulated_running_stats_update_matches_the_reference(emulated, stats, ru
             assert not torch.equal(expected, first)
             eps = torch.finfo(running).eps  # values of order 1: a rounding of the lerp's terms, not of its result
             torch.testing.assert_close(got, expected, rtol=2 * eps, atol=4 * eps)
+
+
+@pytest.mark.parametrize("stats", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("var_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_emulated_invstd_is_the_cpu_ops_bit_for_bit(emulated, var_dtype, stats):
+    var = (torch.rand(300, dtype=torch.float64) * 10.0 ** torch.randint(-9, 5, (300,))).to(var_dtype)
+    var[:3] = torch.tensor([0.0, float("inf"), float("nan")])
+    torch.testing.assert_close(emulated.bn_invstd(var, 1e-5, stats), torch.ops.fusedrect.bn_invstd(var, 1e-5, stats),
+                               rtol=0, atol=0, equal_nan=True)

@@ -1,5 +1,6 @@
 """torch.library.opcheck on every fusedrect op over a list of sample inputs: schema, fake (meta)
-implementation, autograd registration and AOT dispatch."""
+implementation, autograd registration and AOT dispatch; the running-statistics ops bit for bit against the ATen
+ops they replace."""
 import pytest
 import torch
 
@@ -91,6 +92,32 @@ def test_update_running_stats(buffers, buffer_dtype, stats_dtype, momentum, C, d
     torch.manual_seed(0)
     torch.library.opcheck(op.default, (*fresh(), mean, invstd, eps, count, 0.1, None))
     torch.library.opcheck(op.default, (*fresh(), mean, invstd, eps, count, 0.0, torch.tensor(0.5, device=device)))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
+@pytest.mark.parametrize("stats_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("var_dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_invstd_is_the_aten_ops_bit_for_bit(var_dtype, stats_dtype, device):
+    """bn_invstd: (var.to(dtype) + eps).rsqrt_() in one op, the same bits on every device (on CUDA 1 / sqrt,
+    each step correctly rounded, as on the CPU), for variances of every size, 0, inf and NaN, strided too."""
+    var = (torch.rand(67, dtype=torch.float64) * 10.0 ** torch.randint(-9, 5, (67,))).to(var_dtype)
+    var[:3] = torch.tensor([0.0, float("inf"), float("nan")])
+    var = var.to(device)
+    for v in (var, var[::2]):
+        for eps in (1e-5, 0.1, 0.0):
+            got = torch.ops.fusedrect.bn_invstd(v, eps, stats_dtype)
+            want = (v.cpu().to(stats_dtype) + eps).rsqrt_()
+            assert got.dtype == stats_dtype and got.device == v.device
+            torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0, equal_nan=True)
+        torch.library.opcheck(torch.ops.fusedrect.bn_invstd.default, (v[3:], 1e-5, stats_dtype))  # NaN != NaN there
+
+
+def test_invstd_rejects_what_the_statistics_cannot_be():
+    with pytest.raises(ValueError, match="dtype: expected float32 or float64, got Half"):
+        torch.ops.fusedrect.bn_invstd(torch.ones(3), 1e-5, torch.float16)
+    with pytest.raises(TypeError, match="var: expected a floating-point tensor, got Long"):
+        torch.ops.fusedrect.bn_invstd(torch.ones(3, dtype=torch.long), 1e-5, torch.float32)
 
 
 def test_update_running_stats_with_overlapping_arguments_as_the_reference():

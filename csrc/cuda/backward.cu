@@ -123,6 +123,8 @@ struct GradInput {
     T scale, b, d;
   };
 
+  using Source = const T*;  // the table
+
   __device__ static Params load(const T* table, int64_t C, int64_t c) {
     return {ZParams<kMode, T>::load(table, C, c), table[kScale * C + c], table[kB * C + c], table[kD * C + c]};
   }

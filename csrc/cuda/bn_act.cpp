@@ -104,9 +104,7 @@ Tensor bn_act_fwd_eval(const Tensor& input, const Tensor& mean, const Tensor& in
   const ChannelArgs args(geo.C, stats_dtype(input), mean, invstd, weight, bias, slope);
   Tensor out = at::empty_like(input);
   if (input.numel() == 0) return out;
-  const Tensor table = table_for(input, geo.C);
-  channel_table(args, geo.C, table);
-  apply(geo, input, table, args.slope.defined(), out);
+  apply_given(geo, input, args, out);
   return out;
 }
 

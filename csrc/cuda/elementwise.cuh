@@ -1,8 +1,10 @@
 // The elementwise passes (forward apply, backward dx): out = Op::compute(coefficients of the channel, inputs)
 // for every element, in both layouts. An Op provides
-//   kInputs                         the number of input tensors read per element,
-//   Params, Params load(table, C, c) the coefficients of channel c (from device.cuh's table),
-//   T compute(Params, const T* in)  the output from one element of each input.
+//   kInputs                          the number of input tensors read per element,
+//   Source                           where the coefficients come from (device.cuh's table, or the op's
+//                                    per-channel arguments themselves),
+//   Params, Params load(source, C, c) the coefficients of channel c,
+//   T compute(Params, const T* in)   the output from one element of each input.
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -17,7 +19,7 @@ namespace fusedrect::cuda {
 // plane (one channel: its coefficients are loaded once); a step that crosses planes loads them per lane.
 template <typename Op, typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(kThreads)
-    elementwise_nchw_kernel(Inputs<scalar_t, Op::kInputs> in, scalar_t* out, const acc_t<scalar_t>* table,
+    elementwise_nchw_kernel(Inputs<scalar_t, Op::kInputs> in, scalar_t* out, typename Op::Source source,
                             index_t numel, Divider<index_t> S, Divider<index_t> C) {
   using T = acc_t<scalar_t>;
   constexpr int V = kVec<scalar_t>;
@@ -34,7 +36,7 @@ __global__ void __launch_bounds__(kThreads)
     index_t c = C.mod(plane.div);
     T r[V];
     if (plane.mod + index_t(k) <= S.divisor) {
-      const auto p = Op::load(table, C.divisor, c);
+      const auto p = Op::load(source, C.divisor, c);
 #pragma unroll
       for (int l = 0; l < V; ++l) {
         T e[NI];
@@ -53,7 +55,7 @@ __global__ void __launch_bounds__(kThreads)
         T e[NI];
 #pragma unroll
         for (int j = 0; j < NI; ++j) e[j] = v[j][l];
-        r[l] = l < k ? Op::compute(Op::load(table, C.divisor, c), e) : T(0);
+        r[l] = l < k ? Op::compute(Op::load(source, C.divisor, c), e) : T(0);
         ++s;
       }
     }
@@ -64,7 +66,7 @@ __global__ void __launch_bounds__(kThreads)
 // Channels-last: each thread keeps the coefficients of its V channels in registers and walks rows.
 template <typename Op, typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(kThreads)
-    elementwise_cl_kernel(Inputs<scalar_t, Op::kInputs> in, scalar_t* out, const acc_t<scalar_t>* table,
+    elementwise_cl_kernel(Inputs<scalar_t, Op::kInputs> in, scalar_t* out, typename Op::Source source,
                           index_t M, index_t C) {
   using T = acc_t<scalar_t>;
   constexpr int V = kVec<scalar_t>;
@@ -75,7 +77,7 @@ __global__ void __launch_bounds__(kThreads)
   const bool whole = lanes == V && C % V == 0 && in.aligned() && reinterpret_cast<uintptr_t>(out) % 16 == 0;
   typename Op::Params p[V];
 #pragma unroll
-  for (int l = 0; l < V; ++l) p[l] = Op::load(table, C, c0 + (l < lanes ? l : 0));
+  for (int l = 0; l < V; ++l) p[l] = Op::load(source, C, c0 + (l < lanes ? l : 0));
   for (index_t r = index_t(blockIdx.y) * blockDim.y + threadIdx.y; r < M; r += index_t(gridDim.y) * blockDim.y) {
     const index_t off = r * C + c0;
     T v[NI][V];
@@ -96,7 +98,7 @@ __global__ void __launch_bounds__(kThreads)
 // Launches Op over a non-empty tensor of geometry `geo` on the current stream.
 template <typename Op, typename scalar_t>
 void launch_elementwise(const Geometry& geo, const Inputs<scalar_t, Op::kInputs>& in, scalar_t* out,
-                        const acc_t<scalar_t>* table, int64_t numel) {
+                        const typename Op::Source& source, int64_t numel) {
   constexpr int V = kVec<scalar_t>;
   const ElementwisePlan plan = elementwise_plan(geo, numel, V);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -104,10 +106,10 @@ void launch_elementwise(const Geometry& geo, const Inputs<scalar_t, Op::kInputs>
     using index_t = decltype(index);
     if (geo.channels_last) {
       elementwise_cl_kernel<Op, scalar_t, index_t><<<plan.grid, plan.block, 0, stream>>>(
-          in, out, table, index_t(geo.per_channel()), index_t(geo.C));
+          in, out, source, index_t(geo.per_channel()), index_t(geo.C));
     } else {
       elementwise_nchw_kernel<Op, scalar_t, index_t><<<plan.grid, plan.block, 0, stream>>>(
-          in, out, table, index_t(numel), Divider<index_t>(geo.S), Divider<index_t>(geo.C));
+          in, out, source, index_t(numel), Divider<index_t>(geo.S), Divider<index_t>(geo.C));
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };

@@ -78,15 +78,29 @@ struct ChannelPtrs {
   T inv_count;
 };
 
+// Channel c's scale = gamma * invstd, beta and slope from the op's arguments.
+template <typename T>
+__device__ __forceinline__ T scale_of(const ChannelPtrs<T>& a, T invstd, int64_t c) {
+  return (a.weight ? a.weight[c] : T(1)) * invstd;
+}
+template <typename T>
+__device__ __forceinline__ T beta_of(const ChannelPtrs<T>& a, int64_t c) {
+  return a.bias ? a.bias[c] : T(0);
+}
+template <typename T>
+__device__ __forceinline__ T slope_of(const ChannelPtrs<T>& a, int64_t c) {
+  return a.slope ? a.slope[a.slope_shared ? 0 : c] : T(0);
+}
+
 // Channel c's column of the coefficient table, from its statistics.
 template <typename T>
 __device__ __forceinline__ void write_coefficients(const ChannelPtrs<T>& a, T mean, T invstd, int64_t C, int64_t c,
                                                    T* table) {
-  const T scale = (a.weight ? a.weight[c] : T(1)) * invstd;
-  const T slope = a.slope ? a.slope[a.slope_shared ? 0 : c] : T(0);
+  const T scale = scale_of(a, invstd, c);
+  const T slope = slope_of(a, c);
   table[kMean * C + c] = mean;
   table[kScale * C + c] = scale;
-  table[kBeta * C + c] = a.bias ? a.bias[c] : T(0);
+  table[kBeta * C + c] = beta_of(a, c);
   table[kSlope * C + c] = slope;
   table[kInvScale * C + c] = T(1) / scale;
   table[kInvSlope * C + c] = a.slope ? T(1) / slope : T(0);
@@ -126,11 +140,12 @@ __global__ void __launch_bounds__(kThreads) coefficients_kernel(ChannelPtrs<T> a
   if (c < C) write_coefficients(a, a.mean ? a.mean[c] : T(0), a.invstd[c], C, c, table);
 }
 
-// y = act(z) for the forward: one input (x).
+// y = act(z) for the forward: one input (x), the coefficients from the table.
 template <Mode kMode, typename T>
 struct Apply {
   static constexpr int kInputs = 1;
   using Params = ZParams<kMode, T>;
+  using Source = const T*;
 
   __device__ static Params load(const T* table, int64_t C, int64_t c) { return Params::load(table, C, c); }
 
@@ -138,6 +153,22 @@ struct Apply {
     T xc, z;
     p.centred_and_z(in[0], xc, z);
     return activate<kMode>(z, p.slope);
+  }
+};
+
+// The same with given statistics (the eval forward): each channel's coefficients computed where they are
+// loaded, as write_coefficients computes them (the same bits), instead of by a table kernel launched first.
+template <Mode kMode, typename T>
+struct ApplyGiven : Apply<kMode, T> {
+  using Source = ChannelPtrs<T>;
+
+  __device__ static ZParams<kMode, T> load(const ChannelPtrs<T>& a, int64_t, int64_t c) {
+    ZParams<kMode, T> p;
+    p.p0 = a.mean ? a.mean[c] : T(0);
+    p.p1 = scale_of(a, a.invstd[c], c);
+    p.beta = beta_of(a, c);
+    p.slope = slope_of(a, c);
+    return p;
   }
 };
 
@@ -207,6 +238,20 @@ void channel_table(const ChannelArgs& args, int64_t C, const Tensor& table, cons
     coefficients_kernel<T><<<ceil_div(C, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         channel_ptrs<T>(args, sum_dz, sum_dz_xhat, count), C, table.mutable_data_ptr<T>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void apply_given(const Geometry& geo, const Tensor& x, const ChannelArgs& args, const Tensor& y) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fusedrect::cuda::apply_given", [&] {
+    using T = acc_t<scalar_t>;
+    const Inputs<scalar_t, 1> in{{x.const_data_ptr<scalar_t>()}};
+    scalar_t* out = y.mutable_data_ptr<scalar_t>();
+    const ChannelPtrs<T> ptrs = channel_ptrs<T>(args);
+    if (args.slope.defined()) {
+      launch_elementwise<ApplyGiven<Mode::kPReLU, T>>(geo, in, out, ptrs, x.numel());
+    } else {
+      launch_elementwise<ApplyGiven<Mode::kReLU, T>>(geo, in, out, ptrs, x.numel());
+    }
   });
 }
 

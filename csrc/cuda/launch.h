@@ -28,6 +28,9 @@ void channel_table(const ChannelArgs& args, int64_t C, const Tensor& table, cons
 // y = act((x - mean) * scale + beta).
 void apply(const Geometry& geo, const Tensor& x, const Tensor& table, bool prelu, const Tensor& y);
 
+// The same with the coefficients computed in the pass from args (mean and invstd given): no table, one launch.
+void apply_given(const Geometry& geo, const Tensor& x, const ChannelArgs& args, const Tensor& y);
+
 // backward.cu
 
 // The per-channel sums of the backward: grad_bias = sum dz, grad_weight = invstd * sum dz * (x - mean),

@@ -1,5 +1,6 @@
-// bn_update_running_stats on CUDA tensors: one kernel instead of the composite's six ATen launches (the host
-// time of a training forward on a GPU is mostly launches). Per channel c, in the composite's roundings:
+// The running-statistics ops on CUDA tensors, one kernel each instead of the composites' ATen launches (the
+// host time of a layer on a GPU is mostly launches). bn_update_running_stats (six launches), per channel c in
+// the composite's roundings:
 //   var_c = max(1 / invstd_c^2 - eps, 0) * count / (count - 1)   in the statistics dtype, each step rounded
 //   running_mean_c = lerp(running_mean_c, mean_c, w),  running_var_c = lerp(running_var_c, var_c, w)
 // with ATen's lerp, and w the momentum, or the momentum tensor's value read on the device (no host sync).
@@ -14,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "../running_stats.h"
 #include "running_stats.h"
@@ -43,6 +45,17 @@ __global__ void running_stats_kernel(R* running_mean, R* running_var, const S* m
   }
 }
 
+// bn_invstd (three launches): invstd_c = 1 / sqrt(S(var_c) + S(eps)), each step correctly rounded as on the CPU
+// (ATen's CUDA rsqrt is rsqrtf, within 2 ulp): the same bits on both devices.
+template <typename V, typename S>
+__global__ void invstd_kernel(const V* var, S eps, S* out, int64_t C) {
+  for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < C; c += int64_t(gridDim.x) * blockDim.x) {
+    out[c] = S(1) / std::sqrt(S(var[c]) + eps);
+  }
+}
+
+int blocks_for(int64_t C) { return int(std::clamp<int64_t>((C + kThreads - 1) / kThreads, 1, 1024)); }
+
 }  // namespace
 
 void bn_update_running_stats(const OptTensor& running_mean, const OptTensor& running_var, const Tensor& mean,
@@ -69,7 +82,7 @@ void bn_update_running_stats(const OptTensor& running_mean, const OptTensor& run
   const c10::cuda::CUDAGuard guard(mean.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto running_dtype = (rm.defined() ? rm : rv).scalar_type();
-  const int blocks = int(std::min<int64_t>((C + kThreads - 1) / kThreads, 1024));
+  const int blocks = blocks_for(C);
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bn_update_running_stats", [&] {
     using S = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_dtype, "bn_update_running_stats", [&] {
@@ -87,8 +100,30 @@ void bn_update_running_stats(const OptTensor& running_mean, const OptTensor& run
   }
 }
 
+Tensor bn_invstd(const Tensor& var, double eps, at::ScalarType dtype) {
+  if (!(dtype == at::kFloat || dtype == at::kDouble) || !at::isFloatingType(var.scalar_type()) ||
+      !plain_vector(var, var.device(), var.numel())) {
+    return invstd_composite(var, eps, dtype);
+  }
+  const int64_t C = var.numel();
+  Tensor out = at::empty({C}, var.options().dtype(dtype));
+  if (C == 0) return out;
+  const c10::cuda::CUDAGuard guard(var.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(dtype, "bn_invstd", [&] {
+    using S = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, var.scalar_type(), "bn_invstd", [&] {
+      invstd_kernel<scalar_t, S><<<blocks_for(C), kThreads, 0, stream>>>(var.const_data_ptr<scalar_t>(), S(eps),
+                                                                         out.mutable_data_ptr<S>(), C);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return out;
+}
+
 TORCH_LIBRARY_IMPL(fusedrect, CUDA, m) {
   m.impl("bn_update_running_stats", &bn_update_running_stats);
+  m.impl("bn_invstd", &bn_invstd);
 }
 
 }  // namespace fusedrect::cuda
