@@ -151,8 +151,8 @@ def _update_running_stats(count, running_mean, running_var, mean, invstd, moment
         reference.update_running_stats(running_mean, running_var, mean, invstd, eps, count, momentum)
     elif count and (running_mean is not None or running_var is not None):
         tensor = momentum if isinstance(momentum, torch.Tensor) else None
-        torch.ops.fusedrect.bn_update_running_stats(running_mean, running_var, mean, invstd, eps, count,
-                                                    0.0 if tensor is not None else float(momentum), tensor)
+        torch.ops.fusedrect.bn_update_running_stats.default(running_mean, running_var, mean, invstd, eps, count,
+                                                            0.0 if tensor is not None else float(momentum), tensor)
 
 
 def _check_invertible(weight, slope, eps):
@@ -179,25 +179,32 @@ def _validate(input, running_mean, running_var, weight, bias, slope, training, m
     if input.dim() < 2:
         raise ValueError(f"input: expected at least 2 dims (N, C, ...), got shape {tuple(input.shape)}")
     channels, device = input.shape[1], input.device
-    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
-        if t is not None:
-            _check_per_channel(name, t, channels, device)
-    if slope is not None:
-        _check_per_channel("slope", slope, channels, device, shared=True)
-    if not isinstance(eps, numbers.Real) or not eps >= 0:
+    expected = (channels,)
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias),
+                    ("slope", slope)):
+        # The usual case in one comparison per property (this runs on every call: ~0.25 us per tensor).
+        if t is not None and not (isinstance(t, torch.Tensor) and t.shape == expected and t.is_floating_point()
+                                  and t.device == device):
+            _check_per_channel(name, t, channels, device, shared=name == "slope")
+    if not _is_real(eps) or not eps >= 0:
         raise ValueError(f"eps: expected a non-negative number, got {eps!r}")
     if training and eps == 0:
         raise ValueError("eps: must be positive during training (as torch.batch_norm), got 0")
     if isinstance(momentum, torch.Tensor):
         if momentum.numel() != 1 or not momentum.is_floating_point():
             raise ValueError(f"momentum: expected a number or a one-element float tensor, got {momentum!r}")
-    elif not isinstance(momentum, numbers.Real) or not math.isfinite(momentum):
+    elif not _is_real(momentum) or not math.isfinite(momentum):
         raise ValueError(f"momentum: expected a finite number, got {momentum!r}")
     if training and not synced:
         if _count(input) == 1:
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got input size {input.size()}"
             )
+
+
+def _is_real(value):
+    """isinstance(value, numbers.Real), with a float's answer first (the ABC check costs ~0.25 us)."""
+    return type(value) is float or isinstance(value, numbers.Real)
 
 
 def _check_per_channel(name, t, channels, device, shared=False):

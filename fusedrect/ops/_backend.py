@@ -113,13 +113,16 @@ def cuda_implementation(x):
     return "cuda" if cuda_module() is not None else "triton"
 
 
+_REQUESTS = ("auto", *BACKENDS)
+
+
 def resolve(backend, x):
     """The backend that runs for the tensor ``x``, given the ``backend=`` argument (or None)."""
     device = x.device
     requested = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
-    if requested not in ("auto", *BACKENDS):
+    if requested not in _REQUESTS:
         source = "backend" if backend is not None else ENV_VAR
-        raise ValueError(f"{source}: expected one of {('auto', *BACKENDS)}, got {requested!r}")
+        raise ValueError(f"{source}: expected one of {_REQUESTS}, got {requested!r}")
     if requested != "auto":
         reason = why_unavailable(requested, device)
         if reason is not None:
@@ -127,7 +130,8 @@ def resolve(backend, x):
         return requested
     preferred = None
     if device.type == "cpu":
-        preferred = "cpp"
+        if _C is not None:
+            return "cpp"  # why_unavailable's answer, without the call (this runs on every call)
     elif device.type == "cuda":
         preferred = cuda_implementation(x)
     if preferred is not None and why_unavailable(preferred, device) is None:

@@ -268,7 +268,7 @@ def bn_act_train(x, weight, bias, slope, eps, backend):
         return reference.bn_act_train(x, weight, bias, slope, eps)
     x = native_layout(x)
     if _through_dispatcher(backend, x):
-        return torch.ops.fusedrect.bn_act_fwd_train(x, weight, bias, slope, eps)
+        return torch.ops.fusedrect.bn_act_fwd_train.default(x, weight, bias, slope, eps)
     return _DirectTrain.apply(x, weight, bias, slope, eps, _IMPLS[backend])
 
 
@@ -278,5 +278,5 @@ def bn_act_eval(x, mean, invstd, weight, bias, slope, backend):
         return reference.bn_act_eval(x, mean, invstd, weight, bias, slope)
     x = native_layout(x)
     if _through_dispatcher(backend, x):
-        return torch.ops.fusedrect.bn_act_fwd_eval(x, mean, invstd, weight, bias, slope)
+        return torch.ops.fusedrect.bn_act_fwd_eval.default(x, mean, invstd, weight, bias, slope)
     return _DirectEval.apply(x, mean, invstd, weight, bias, slope, _IMPLS[backend])

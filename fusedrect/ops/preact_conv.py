@@ -208,7 +208,7 @@ def preact_conv_train(x, weight, bias, slope, eps, conv_weight, conv_bias, strid
     args = (x, weight, bias, slope, eps, conv_weight, conv_bias, stride, padding, dilation, groups)
     impl = _direct_impl(backend, x)
     if impl is None:
-        return torch.ops.fusedrect.preact_conv_fwd_train(*args)
+        return torch.ops.fusedrect.preact_conv_fwd_train.default(*args)
     return _DirectTrain.apply(*args, impl)
 
 
@@ -222,5 +222,5 @@ def preact_conv_eval(x, mean, invstd, weight, bias, slope, conv_weight, conv_bia
     args = (x, mean, invstd, weight, bias, slope, conv_weight, conv_bias, stride, padding, dilation, groups)
     impl = _direct_impl(backend, x)
     if impl is None:
-        return torch.ops.fusedrect.preact_conv_fwd_eval(*args)
+        return torch.ops.fusedrect.preact_conv_fwd_eval.default(*args)
     return _DirectEval.apply(*args, impl)
