@@ -2,7 +2,7 @@
 // every device so that a training step pays no Python per layer and op: the Python custom-op autograd wrapper
 // (torch.library.register_autograd) cost about 15 us per forward and 25 us per backward call on CPU, as much
 // as the whole kernel at the small ResNet stages. Forward and backward call the ops through the dispatcher, so
-// each device runs its own kernel (the CPU kernels of csrc/cpu, the CUDA router of fusedrect/ops).
+// each device runs its own kernel (the CPU kernels of csrc/cpu, the CUDA router of csrc/cuda/router.cpp).
 //
 // Saved for backward: the input x, the per-channel statistics and the parameters; never the activation.
 // Backward recomputes it in the backward op (with given statistics and no parameter gradient needed, in the

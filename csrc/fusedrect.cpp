@@ -31,6 +31,10 @@ TORCH_LIBRARY(fusedrect, m) {
   // Forward with given statistics (eval mode): y = act((x - mean) * invstd * weight + bias).
   m.def("bn_act_fwd_eval(Tensor input, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias,"
         " Tensor? slope) -> Tensor");
+  // The same from running statistics: mean = running_mean, invstd = bn_invstd(running_var, eps) in the
+  // statistics dtype (a composite of the two ops, csrc/eval_running.cpp).
+  m.def("bn_act_fwd_eval_running(Tensor input, Tensor running_mean, Tensor running_var, float eps, Tensor? weight,"
+        " Tensor? bias, Tensor? slope) -> Tensor");
   // Backward of either forward; batch_stats=True when mean and invstd were computed from `input`.
   // Returns (grad_input, grad_weight, grad_bias, grad_slope): the per-channel gradients in the statistics
   // dtype, grad_slope per channel (shape (C,); (0,) for ReLU).

@@ -55,8 +55,7 @@ def _bn_act(input, running_mean, running_var, weight, bias, slope, training, mom
         y, mean, invstd = train(input, weight, bias, slope, eps, backend)
         _update_running_stats(_count(input), running_mean, running_var, mean, invstd, momentum, eps)
         return y
-    return bn_act.bn_act_eval(input, *_running_stats(input, running_mean, running_var, eps), weight, bias, slope,
-                              backend)
+    return bn_act.bn_act_eval_running(input, running_mean, running_var, eps, weight, bias, slope, backend)
 
 
 def preact_conv2d(
@@ -78,8 +77,8 @@ def preact_conv2d(
                                                           *conv_args, backend)
         _update_running_stats(_count(input), running_mean, running_var, mean, invstd, momentum, eps)
         return out
-    return preact_conv.preact_conv_eval(input, *_running_stats(input, running_mean, running_var, eps), weight, bias,
-                                        slope, conv_weight, conv_bias, *conv_args, backend)
+    return preact_conv.preact_conv_eval(input, *bn_act.running_statistics(input, running_mean, running_var, eps),
+                                        weight, bias, slope, conv_weight, conv_bias, *conv_args, backend)
 
 
 def sync_bn_prelu(
@@ -126,20 +125,6 @@ def _sync_bn_act(input, running_mean, running_var, weight, bias, slope, training
 def _count(input):
     """Elements per channel."""
     return input.numel() // input.shape[1] if input.shape[1] else 0
-
-
-def _running_stats(input, running_mean, running_var, eps):
-    """(mean, invstd) in the statistics dtype from the running statistics (eval mode). invstd is one op of the
-    extension where it is built (one launch on a GPU instead of three), the same bits as the ATen ops it
-    replaces, which still serve a running variance that autograd tracks."""
-    if running_mean is None or running_var is None:
-        raise ValueError("running_mean and running_var are required when training=False")
-    dtype = reference.stats_dtype(input)
-    mean = running_mean if running_mean.dtype == dtype else running_mean.to(dtype)  # a no-op .to costs ~1 us
-    if _backend.compiled() and not (running_var.requires_grad and torch.is_grad_enabled()):
-        return mean, torch.ops.fusedrect.bn_invstd.default(running_var, eps, dtype)
-    var = running_var if running_var.dtype == dtype else running_var.to(dtype)
-    return mean, (var + eps).rsqrt_()
 
 
 def _update_running_stats(count, running_mean, running_var, mean, invstd, momentum, eps):

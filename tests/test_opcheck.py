@@ -29,6 +29,8 @@ def test_opcheck(x, params):
 
     mean, invstd = reference.batch_stats(x.detach(), 1e-5)
     torch.library.opcheck(torch.ops.fusedrect.bn_act_fwd_eval.default, (x, mean, invstd, *params))
+    running_var = invstd.pow(-2) - 1e-5
+    torch.library.opcheck(torch.ops.fusedrect.bn_act_fwd_eval_running.default, (x, mean, running_var, 1e-5, *params))
 
     grad_out = torch.randn_like(x)
     detached = [p.detach() if p is not None else None for p in params]
@@ -111,6 +113,21 @@ def test_invstd_is_the_aten_ops_bit_for_bit(var_dtype, stats_dtype, device):
             assert got.dtype == stats_dtype and got.device == v.device
             torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0, equal_nan=True)
         torch.library.opcheck(torch.ops.fusedrect.bn_invstd.default, (v[3:], 1e-5, stats_dtype))  # NaN != NaN there
+
+
+@pytest.mark.parametrize("running_dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_eval_from_running_statistics_is_its_two_ops(dtype, running_dtype):
+    """bn_act_fwd_eval_running: bn_act_fwd_eval with the running mean (in the statistics dtype) and
+    bn_invstd(running_var), bit for bit."""
+    x = make_input((3, 5, 4, 4), "channels_last", dtype)
+    weight, bias, slope = (p.to(dtype) for p in make_params(5, "prelu"))
+    running_mean, running_var = torch.randn(5).to(running_dtype), (torch.rand(5) + 0.1).to(running_dtype)
+    stats = reference.stats_dtype(x)
+    invstd = torch.ops.fusedrect.bn_invstd(running_var, 1e-3, stats)
+    want = torch.ops.fusedrect.bn_act_fwd_eval(x, running_mean.to(stats), invstd, weight, bias, slope)
+    got = torch.ops.fusedrect.bn_act_fwd_eval_running(x, running_mean, running_var, 1e-3, weight, bias, slope)
+    assert got.stride() == x.stride() and torch.equal(got, want)
 
 
 def test_invstd_rejects_what_the_statistics_cannot_be():
