@@ -72,9 +72,10 @@ def bn_act_variants():
                 cl = dict(reduce, BLOCK_R=K.REDUCE_BLOCK_R, BLOCK_C=K.REDUCE_BLOCK_C)
                 yield "_bwd_reduce_cl_kernel", cl, warps, dtype
         if dtype in ("fp32", "fp64"):  # these read only statistics-dtype buffers
-            yield "_stats_merge_kernel", dict(BLOCK_C=K.FINALIZE_BLOCK_C), 4, dtype
+            merge = dict(BLOCK_G=K.MERGE_BLOCK_G, BLOCK_C=K.MERGE_BLOCK_C)
+            yield "_stats_merge_kernel", merge, K.MERGE_WARPS, dtype
             for act in (prelu, relu):
-                yield "_bwd_finalize_kernel", dict(ACT=act, BLOCK_C=K.FINALIZE_BLOCK_C), 4, dtype
+                yield "_bwd_finalize_kernel", dict(merge, ACT=act), K.MERGE_WARPS, dtype
         for i, config in enumerate(K.ELEMENTWISE_CONFIGS):
             for act, index_64 in ((prelu, False),) + (((relu, True),) if i == 0 else ()):
                 layout = dict(ACT=act, AFFINE=True, CHANNELS_LAST=bool(i % 2), ACC=acc(dtype), INDEX_64=index_64)
