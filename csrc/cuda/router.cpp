@@ -10,6 +10,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "bn_act.h"
 
