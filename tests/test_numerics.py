@@ -12,9 +12,9 @@ from conftest import (ACTIVATIONS, LAYOUTS, check_frozen_backward_of_non_finite_
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize(
     "shape",
-    # NCHW tiles of long runs, of short runs over many samples (per-position sums combined per channel), the last
-    # row of tiles of (22, 16, 7, 7) with 2 samples (walked run by run)
-    [(8, 4, 32, 32), (4096, 3), (2, 2, 200, 200), (22, 16, 7, 7), (64, 8, 3, 3)],
+    # NCHW tiles of long runs, of short runs over many samples (per-position sums combined per channel), and
+    # (7, 64, 7, 7)'s two rows of tiles, of 3 samples (walked run by run) and of 4 (by position)
+    [(8, 4, 32, 32), (4096, 3), (2, 2, 200, 200), (7, 64, 7, 7), (64, 8, 3, 3)],
     ids=str,
 )
 def test_variance_with_large_mean(shape, layout):
@@ -101,7 +101,7 @@ def test_bitwise_deterministic(shape, layout, dtype):
     first = run_training_step(x, params, grad_out)
     threads = torch.get_num_threads()
     try:
-        for n in (threads, 1, threads):
+        for n in (threads, 1, 3, threads):  # 3: another split of the tiles, even on a 2-core machine
             torch.set_num_threads(n)
             for a, b in zip(first, run_training_step(x, params, grad_out)):
                 assert torch.equal(a, b), f"differs with {n} threads"

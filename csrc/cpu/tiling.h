@@ -7,8 +7,8 @@
 // reductions keep their sums in registers, walking an NCHW tile channel by channel and a channels-last one in
 // blocks of channel vectors down its rows: for_channel_blocks):
 //   NCHW           samples [n0, n1) x channels [c0, c1) x positions [s0, s1): whole planes when C * S is
-//                  small, runs of whole channels over a few samples when S is small (kMinChannelElems of each
-//                  channel where N allows, fewer in the last row of tiles), a piece of one run when S is large;
+//                  small, runs of whole channels over a few samples when S is small (about kMinChannelElems of
+//                  each channel where N allows), a piece of one run when S is large;
 //   channels-last  rows [r0, r1) x channels [c0, c1).
 // A channels-last elementwise pass over row groups (out of address order) prefetches the tile after its own in
 // address order where its tiles span every channel (C <= kChannelBlock; NextTilePrefetch): the hardware
@@ -59,9 +59,14 @@ struct Tile {
 };
 
 struct Tiling {
-  int64_t n_per, c_per, s_per;           // tile extents
+  int64_t rows;                          // samples (NCHW) or rows (channels-last)
+  int64_t n_per, c_per, s_per;           // tile extents (at most; rows are shared out evenly, below)
   int64_t n_blocks, c_blocks, s_blocks;  // tiles along each extent
   int64_t groups() const { return n_blocks * s_blocks; }  // G
+  // The first row of tile row gn: the rows are shared out evenly (sizes differ by at most one), so that no tile
+  // row is a small remainder (32 samples of 7x7 in rows of 6 had left 2 for the last, which then took the slow
+  // run-by-run statistics and left a thread idle).
+  int64_t row_begin(int64_t gn) const { return gn * rows / n_blocks; }
 };
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -76,8 +81,8 @@ inline Tiling tiling_of(const Geometry& geo) {
     t.n_blocks = ceil_div(geo.per_channel(), t.n_per);
     t.s_blocks = 1;
   } else {
-    // Short runs (small S): several samples per tile, so that a reduction sums kMinChannelElems of each channel
-    // (the last row of tiles excepted) in vector lanes before one horizontal sum.
+    // Short runs (small S): several samples per tile, so that a reduction sums about kMinChannelElems of each
+    // channel in vector lanes before one horizontal sum.
     t.s_per = std::min(std::max<int64_t>(geo.S, 1), kTileElems);
     const int64_t runs = std::max<int64_t>(1, kTileElems / t.s_per);
     const int64_t min_samples =
@@ -87,43 +92,49 @@ inline Tiling tiling_of(const Geometry& geo) {
     t.n_blocks = ceil_div(geo.N, t.n_per);
     t.s_blocks = ceil_div(geo.S, t.s_per);
   }
+  t.rows = geo.channels_last ? geo.per_channel() : geo.N;
   t.c_blocks = ceil_div(geo.C, t.c_per);
   t.n_blocks = std::max<int64_t>(t.n_blocks, 1);
   t.s_blocks = std::max<int64_t>(t.s_blocks, 1);
   return t;
 }
 
-// Runs f(tile) for every tile, in parallel, each thread taking a contiguous range of tiles (of memory, but where
-// NCHW tiles hold part of the channels of several samples); small inputs stay on one thread.
+// Tile i of t (tile rows outermost, then channel blocks, then pieces of runs).
+inline Tile tile_at(const Geometry& geo, const Tiling& t, int64_t i) {
+  const int64_t positions = geo.channels_last ? 1 : geo.S;
+  const int64_t gs = i % t.s_blocks;
+  const int64_t b = (i / t.s_blocks) % t.c_blocks;
+  const int64_t gn = i / (t.s_blocks * t.c_blocks);
+  return Tile{gn * t.s_blocks + gs,
+              t.row_begin(gn), t.row_begin(gn + 1),
+              b * t.c_per, std::min((b + 1) * t.c_per, geo.C),
+              gs * t.s_per, std::min((gs + 1) * t.s_per, positions)};
+}
+
+// Runs f(tile) for every tile, in parallel: each thread takes a contiguous range of tiles (of memory, but where
+// NCHW tiles hold part of the channels of several samples) holding an even share of the elements, the tiles
+// whose first element falls in its share (shared out by tile count instead, 32x512x7x7 NCHW's 60 tiles of
+// unequal sizes had given one thread 18 samples' work and the other 14); small inputs stay on one thread.
 template <typename F>
 void parallel_for_tiles(const Geometry& geo, const Tiling& t, const F& f) {
-  const int64_t rows = geo.channels_last ? geo.per_channel() : geo.N;
-  const int64_t positions = geo.channels_last ? 1 : geo.S;
   const int64_t ntiles = t.n_blocks * t.c_blocks * t.s_blocks;
-  const int64_t grain = std::max<int64_t>(1, 4 * kTileElems / (t.n_per * t.c_per * t.s_per));
-  at::parallel_for(0, ntiles, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t gs = i % t.s_blocks;
-      const int64_t b = (i / t.s_blocks) % t.c_blocks;
-      const int64_t gn = i / (t.s_blocks * t.c_blocks);
-      Tile tile{gn * t.s_blocks + gs,
-                gn * t.n_per, std::min((gn + 1) * t.n_per, rows),
-                b * t.c_per, std::min((b + 1) * t.c_per, geo.C),
-                gs * t.s_per, std::min((gs + 1) * t.s_per, positions)};
-      f(tile);
+  const int64_t total = t.rows * geo.C * (geo.channels_last ? 1 : geo.S);
+  at::parallel_for(0, total, 4 * kTileElems, [&](int64_t begin, int64_t end) {
+    int64_t first = 0;  // of the tile i, in the walk's order
+    for (int64_t i = 0; i < ntiles && first < end; ++i) {
+      const Tile tile = tile_at(geo, t, i);
+      if (first >= begin) f(tile);
+      first += tile.count() * (tile.c1 - tile.c0);
     }
   });
 }
 
 // Elements per channel in each tile row g of the partial buffers (the same for every channel).
 inline std::vector<int64_t> tile_counts(const Geometry& geo, const Tiling& t) {
-  const int64_t rows = geo.channels_last ? geo.per_channel() : geo.N;
-  const int64_t positions = geo.channels_last ? 1 : geo.S;
   std::vector<int64_t> counts(t.groups());
   for (int64_t gn = 0; gn < t.n_blocks; ++gn) {
     for (int64_t gs = 0; gs < t.s_blocks; ++gs) {
-      counts[gn * t.s_blocks + gs] = (std::min((gn + 1) * t.n_per, rows) - gn * t.n_per) *
-                                     (std::min((gs + 1) * t.s_per, positions) - gs * t.s_per);
+      counts[gn * t.s_blocks + gs] = tile_at(geo, t, gn * t.c_blocks * t.s_blocks + gs).count();  // channel block 0
     }
   }
   return counts;
