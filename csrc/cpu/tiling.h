@@ -266,8 +266,14 @@ inline void for_channel_blocks(const Tile& tile, const F& f) {
 
 // Elementwise pass over one tile: out = f(params, inputs...) for every element.
 template <typename scalar_t, size_t NP, size_t NI, typename F>
-void map_tile(const Geometry& geo, const Tile& tile, const std::array<const scalar_t*, NI>& in,
-              const ParamPtrs<opmath_t<scalar_t>, NP>& params, scalar_t* out, const F& f) {
+void map_tile(const Geometry& geometry, const Tile& walked, const std::array<const scalar_t*, NI>& inputs,
+              const ParamPtrs<opmath_t<scalar_t>, NP>& rows, scalar_t* out, const F& f) {
+  // Local copies of what the loops read: a vector store may alias any memory (the intrinsics' vector types are
+  // may_alias), so values read through these references were read again after every store.
+  const Geometry geo = geometry;
+  const Tile tile = walked;
+  const std::array<const scalar_t*, NI> in = inputs;
+  const ParamPtrs<opmath_t<scalar_t>, NP> params = rows;
   using Vec = MathVec<scalar_t>;
   constexpr int64_t V = Vec::size();
   auto step = [&](const ParamVecs<opmath_t<scalar_t>, NP>& P, int64_t off, int64_t n) FUSEDRECT_PER_VECTOR {
