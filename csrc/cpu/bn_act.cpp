@@ -69,14 +69,14 @@ class ChannelTable {
 template <typename Vec>
 inline Vec activate(const Vec& z, const Vec* slope) {
   // ReLU as IEEE maximum so NaN propagates (as torch.relu); PReLU as torch.prelu: z > 0 ? z : a * z.
-  return slope ? where<SignTest::kPositive>(z, z, *slope * z) : at::vec::maximum(z, Vec(0));
+  return slope ? prelu_scale(z, z, *slope) : at::vec::maximum(z, Vec(0));
 }
 
 template <bool kPReLU, typename Vec>
 inline Vec grad_z(const Vec& z, const Vec& dy, const Vec* slope) {
   // PReLU as torch.prelu's backward (z > 0 ? dy : a * dy); ReLU as threshold_backward (z <= 0 ? 0 : dy).
   if constexpr (kPReLU) {
-    return where<SignTest::kPositive>(z, dy, *slope * dy);
+    return prelu_scale(z, dy, *slope);
   } else {
     return where<SignTest::kNotPositive>(z, Vec(0), dy);
   }
@@ -88,7 +88,7 @@ inline Vec grad_z(const Vec& z, const Vec& dy, const Vec* slope) {
 template <bool kFromOutput, typename Vec, typename Params>
 inline std::pair<Vec, Vec> centred_and_z(const Params& P, const Vec& v) {
   if constexpr (kFromOutput) {
-    const Vec z = where<SignTest::kPositive>(v, v, v * P[1]);
+    const Vec z = prelu_scale(v, v, P[1]);
     return {(z - P[2]) * P[0], z};
   } else {
     const Vec xc = v - P[0];
@@ -304,7 +304,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_sums(const Geometry& geo, const Tens
                             std::array<Vec, kPReLU ? 3 : 2> terms;
                             terms[0] = dz;
                             terms[1] = dz * xc;
-                            if constexpr (kPReLU) terms[2] = where<SignTest::kPositive>(z, Vec(0), z * X[1]);
+                            if constexpr (kPReLU) terms[2] = product_where_not_positive(z, X[1]);
                             return terms;
                           });
   });

@@ -80,6 +80,37 @@ inline at::vec::Vectorized<T> where(const at::vec::Vectorized<T>& v, const at::v
   }
 }
 
+// v > 0 ? a : a * s, lane by lane (a NaN v takes a * s): PReLU with a = v and s its slope, PReLU's derivative
+// applied to a, bit for bit where<kPositive>(v, a, s * a). On AVX-512 one multiply under the mask "v not > 0",
+// no blend (the backward's reduction does two such selects among ten operations a vector).
+template <typename T>
+inline at::vec::Vectorized<T> prelu_scale(const at::vec::Vectorized<T>& v, const at::vec::Vectorized<T>& a,
+                                          const at::vec::Vectorized<T>& s) {
+#ifdef CPU_CAPABILITY_AVX512
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_mask_mul_ps(a, _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NGT_UQ), a, s);
+  } else if constexpr (std::is_same_v<T, double>) {
+    return _mm512_mask_mul_pd(a, _mm512_cmp_pd_mask(v, _mm512_setzero_pd(), _CMP_NGT_UQ), a, s);
+  }
+#endif
+  return where<SignTest::kPositive>(v, a, s * a);
+}
+
+// v > 0 ? 0 : v * b, lane by lane (a NaN v takes v * b), bit for bit where<kPositive>(v, 0, v * b): PReLU's
+// slope-gradient term with b = dy. On AVX-512 one zero-masked multiply.
+template <typename T>
+inline at::vec::Vectorized<T> product_where_not_positive(const at::vec::Vectorized<T>& v,
+                                                         const at::vec::Vectorized<T>& b) {
+#ifdef CPU_CAPABILITY_AVX512
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NGT_UQ), v, b);
+  } else if constexpr (std::is_same_v<T, double>) {
+    return _mm512_maskz_mul_pd(_mm512_cmp_pd_mask(v, _mm512_setzero_pd(), _CMP_NGT_UQ), v, b);
+  }
+#endif
+  return where<SignTest::kPositive>(v, at::vec::Vectorized<T>(T(0)), v * b);
+}
+
 // Horizontal sum in a fixed lane order (deterministic).
 template <typename T>
 inline T reduce_add(const at::vec::Vectorized<T>& v) {
