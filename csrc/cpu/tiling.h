@@ -3,19 +3,12 @@
 // The input is viewed as (N, C, S) in one of two native layouts (NCHW or channels-last, ../bn_act_args.h).
 // Work is cut into tiles of ~kTileElems elements, small enough to stay in L2 so a tile can be read twice
 // cheaply, each one or a few blocks of memory (elementwise passes walk them in address order, so the hardware
-// prefetcher streams them, except wide channels-last rows of 32/64-bit values, taken a few rows at a time;
-// reductions keep their sums in registers, walking an NCHW tile channel by channel and a channels-last one in
-// blocks of channel vectors down its rows: for_channel_blocks):
+// prefetchers stream them; reductions keep their sums in registers, walking an NCHW tile channel by channel and
+// a channels-last one in blocks of channel vectors down its rows: for_channel_blocks):
 //   NCHW           samples [n0, n1) x channels [c0, c1) x positions [s0, s1): whole planes when C * S is
 //                  small, runs of whole channels over a few samples when S is small (about kMinChannelElems of
 //                  each channel where N allows), a piece of one run when S is large;
 //   channels-last  rows [r0, r1) x channels [c0, c1).
-// A channels-last elementwise pass over row groups (out of address order) prefetches the tile after its own in
-// address order where its tiles span every channel (C <= kChannelBlock; NextTilePrefetch): the hardware
-// prefetchers do not follow such a walk, and the tile's first reads would wait on DRAM. A reduction's blocks
-// walk without it (A/B, 2 threads, fp32 and bf16): with it the statistics took up to 1.35x the time, from DRAM
-// too (32x512x28x28), and the backward's sums 1.2-1.4x from L3 (32x256x14x14), where it saved up to a tenth of
-// the latter's time from DRAM at C = 512-1024.
 // Tiles depend only on the shape, never on the thread count: a reduction writes one partial per (tile row g,
 // channel) into a (G, C) buffer and merges the G partials in a fixed order, so results are bitwise
 // reproducible.
@@ -47,7 +40,6 @@ namespace fusedrect::cpu {
 inline constexpr int64_t kTileElems = 16384;
 inline constexpr int64_t kChannelBlock = 1024;  // channels-last tiles: at most this many channels
 inline constexpr int64_t kMinChannelElems = 256;  // NCHW tiles: elements per channel (N allowing)
-inline constexpr int64_t kRowGroup = 4;  // channels-last elementwise passes over wide rows: rows per group
 
 struct Tile {
   int64_t g;       // row of the (G, C) partial buffers
@@ -148,51 +140,6 @@ inline void for_each_run(const Geometry& geo, const Tile& tile, const F& f) {
   }
 }
 
-// Software prefetch into L2 of the tile that follows a channels-last tile in memory: the walker calls step()
-// once per vector it processes, which advances a cursor through the next tile in address order by as many
-// elements, one prefetch per 64-byte line of each input and of the output where given (with a write hint,
-// which x86 builds without PRFCHW issue as a plain prefetch), so the next tile arrives while this one is worked
-// on. Only for a tile that spans every channel (its next rows are the next tile); otherwise step() does
-// nothing.
-template <typename scalar_t, size_t NI>
-class NextTilePrefetch {
- public:
-  NextTilePrefetch(const Geometry& geo, const Tile& tile, const std::array<const scalar_t*, NI>& in,
-                   scalar_t* out = nullptr)
-      : in_(in), out_(out), next_(tile.n1 * geo.C), end_(0) {
-    if (std::find(in.begin(), in.end(), out) != in.end()) out_ = nullptr;  // written in place: prefetched once
-    if (tile.c0 == 0 && tile.c1 == geo.C) {
-      end_ = std::min(tile.n1 + (tile.n1 - tile.n0), geo.per_channel()) * geo.C;
-    }
-  }
-
-  void step(int64_t elems) {
-    // Steps of 16-64 bytes (a vector), which divide the line: exactly one step in each 64 bytes prefetches.
-    if (next_ < end_ && (next_ * int64_t(sizeof(scalar_t))) % kLine < elems * int64_t(sizeof(scalar_t))) {
-      for (size_t i = 0; i < NI; ++i) prefetch_l2<false>(in_[i] + next_);
-      if (out_ != nullptr) prefetch_l2<true>(out_ + next_);
-    }
-    next_ += elems;
-  }
-
- private:
-  static constexpr int64_t kLine = 64;
-  static_assert(MathVec<scalar_t>::size() * sizeof(scalar_t) <= kLine, "a step spans at most one line");
-
-  template <bool kWrite>
-  static void prefetch_l2(const void* p) {
-#if defined(__GNUC__)
-    __builtin_prefetch(p, kWrite ? 1 : 0, 2);
-#else
-    (void)p;
-#endif
-  }
-
-  std::array<const scalar_t*, NI> in_;
-  scalar_t* out_;
-  int64_t next_, end_;  // elements: the next one to prefetch, the end of the next tile
-};
-
 // Per-channel parameter vectors: broadcast from one channel (NCHW) or loaded over channels (channels-last).
 template <typename T, size_t NP>
 using ParamPtrs = std::array<const T*, NP>;
@@ -215,8 +162,7 @@ inline ParamVecs<T, NP> load_params(const ParamPtrs<T, NP>& p, int64_t c, int64_
 
 // A reduction walks a channels-last tile in blocks of kBlockVectors vectors of channels, every row of the tile
 // for one block before the next, so that the block's sums stay in registers (an elementwise pass walks it row
-// by row instead, its writes in address order, wide rows of 32/64-bit values kRowGroup rows at a time: blocked,
-// it measured slower here). Calls
+// by row instead, its writes in address order: blocked, it measured slower here). Calls
 // f(c, std::integral_constant<size_t, B>{}, n) for blocks of B full vectors of channels from c, then for the
 // remaining vectors one by one (B = 1), the last one with n < V lanes where C is not a multiple of V.
 // Up to 3 sums per vector: 12 of AVX-512's 32 registers with 4 vectors, 6 of AVX2's 16 with 2.
@@ -294,28 +240,15 @@ void map_tile(const Geometry& geometry, const Tile& walked, const std::array<con
         static_for<B>([&](auto j) { step(P[j], r * geo.C + tile.c0 + j * V, j + 1 < B ? V : last); });
       }
     });
-  } else if (geo.channels_last && is_reduced_float_v<scalar_t>) {
-    // Wide rows of 16-bit values, row by row, the parameters re-read for every vector (in row groups, as
-    // below, they measured slower: their vectors store half lines).
+  } else if (geo.channels_last) {
+    // Wide rows, row by row in address order (the hardware prefetchers stream them), each vector's parameters
+    // re-read from L1 (whole lines: the callers' rows are line-aligned, ChannelTable). In groups of 4 rows, each
+    // vector's parameters loaded once for the group (out of address order, the next tile prefetched by
+    // software), it took 1.3-1.4x this time (one thread, fp32, 32x256x14x14 and 32x128x28x28).
     for (int64_t r = tile.n0; r < tile.n1; ++r) {
       for (int64_t c = tile.c0; c < tile.c1; c += V) {
         const int64_t n = std::min(V, tile.c1 - c);
         step(load_params(params, c, n), r * geo.C + c, n);
-      }
-    }
-  } else if (geo.channels_last) {
-    // Wide rows, kRowGroup at a time: each vector's parameters loaded once for the group's rows (row by row
-    // they took more loads than the data), the next tile prefetched as the walk leaves address order.
-    NextTilePrefetch<scalar_t, NI> next_tile(geo, tile, in, out);
-    for (int64_t r0 = tile.n0; r0 < tile.n1; r0 += kRowGroup) {
-      const int64_t r1 = std::min(r0 + kRowGroup, tile.n1);
-      for (int64_t c = tile.c0; c < tile.c1; c += V) {
-        const int64_t n = std::min(V, tile.c1 - c);
-        const auto P = load_params(params, c, n);
-        for (int64_t r = r0; r < r1; ++r) {
-          next_tile.step(V);
-          step(P, r * geo.C + c, n);
-        }
       }
     }
   } else {
