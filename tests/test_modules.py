@@ -339,6 +339,20 @@ def test_backward_unpacks_each_saved_tensor_once(state):
     assert torch.equal(x.grad, expected)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(4, 0, 3, 3), (4, 0, 7, 7), (4, 0)], ids=str)
+def test_training_with_zero_channels(shape, layout):
+    """No channel in training (statistics of nothing): an empty output and gradient of x's shape, for BatchNorm
+    + ReLU and + PReLU (a shared slope); nn.BatchNorm's training forward raises an IndexError here."""
+    for layer in (fusedrect.FusedBNReLU(0), fusedrect.FusedBNPReLU(0, num_parameters=1)):
+        x = make_input(shape, layout if len(shape) > 2 else "nchw").requires_grad_()
+        y = layer.train()(x)
+        (grad,) = torch.autograd.grad(y, x, torch.ones(shape))
+        assert y.shape == grad.shape == x.shape
+        assert layer.running_mean.shape == layer.running_var.shape == (0,)
+        assert int(layer.num_batches_tracked) == 1
+
+
 @pytest.mark.parametrize("shape", [(4, 0, 3, 3), (4, 0), (0, 0, 2)], ids=str)
 def test_frozen_backward_of_zero_channels(shape):
     """No channel: an empty gradient of x's shape, as nn.BatchNorm gives."""

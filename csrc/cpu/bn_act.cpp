@@ -65,6 +65,9 @@ class ChannelTable {
     }
   }
 
+  ChannelTable(const ChannelTable&) = delete;  // base_ points into data_
+  ChannelTable& operator=(const ChannelTable&) = delete;
+
   T* row(Row r) { return base_ + r * C_; }
   const T* row(Row r) const { return base_ + r * C_; }
 

@@ -6,8 +6,9 @@
 // prefetchers stream them; reductions keep their sums in registers, walking an NCHW tile channel by channel and
 // a channels-last one in blocks of channel vectors down its rows: for_channel_blocks):
 //   NCHW           samples [n0, n1) x channels [c0, c1) x positions [s0, s1): whole planes when C * S is
-//                  small, runs of whole channels over a few samples when S is small (about kMinChannelElems of
-//                  each channel where N allows), a piece of one run when S is large;
+//                  small, runs of whole channels over a few samples when S is small (kMinChannelElems of each
+//                  channel where N allows, or at least about half that: the samples are shared out evenly
+//                  between the rows of tiles), a piece of one run when S is large;
 //   channels-last  rows [r0, r1) x channels [c0, c1).
 // Tiles depend only on the shape, never on the thread count: a reduction writes one partial per (tile row g,
 // channel) into a (G, C) buffer and merges the G partials in a fixed order, so results are bitwise
@@ -58,7 +59,9 @@ struct Tiling {
   // The first row of tile row gn: the rows are shared out evenly (sizes differ by at most one), so that no tile
   // row is a small remainder (32 samples of 7x7 in rows of 6 had left 2 for the last, which then took the slow
   // run-by-run statistics and left a thread idle).
-  int64_t row_begin(int64_t gn) const { return gn * rows / n_blocks; }
+  int64_t row_begin(int64_t gn) const {  // floor(gn * rows / n_blocks), without the product's overflow
+    return gn * (rows / n_blocks) + gn * (rows % n_blocks) / n_blocks;
+  }
 };
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -74,7 +77,7 @@ inline Tiling tiling_of(const Geometry& geo) {
     t.s_blocks = 1;
   } else {
     // Short runs (small S): several samples per tile, so that a reduction sums about kMinChannelElems of each
-    // channel in vector lanes before one horizontal sum.
+    // channel (at least about half, row_begin) in vector lanes before one horizontal sum.
     t.s_per = std::min(std::max<int64_t>(geo.S, 1), kTileElems);
     const int64_t runs = std::max<int64_t>(1, kTileElems / t.s_per);
     const int64_t min_samples =
@@ -123,10 +126,12 @@ void parallel_for_tiles(const Geometry& geo, const Tiling& t, const F& f) {
 
 // Elements per channel in each tile row g of the partial buffers (the same for every channel).
 inline std::vector<int64_t> tile_counts(const Geometry& geo, const Tiling& t) {
+  const int64_t positions = geo.channels_last ? 1 : geo.S;
   std::vector<int64_t> counts(t.groups());
   for (int64_t gn = 0; gn < t.n_blocks; ++gn) {
     for (int64_t gs = 0; gs < t.s_blocks; ++gs) {
-      counts[gn * t.s_blocks + gs] = tile_at(geo, t, gn * t.c_blocks * t.s_blocks + gs).count();  // channel block 0
+      counts[gn * t.s_blocks + gs] = (t.row_begin(gn + 1) - t.row_begin(gn)) *
+                                     (std::min((gs + 1) * t.s_per, positions) - gs * t.s_per);
     }
   }
   return counts;

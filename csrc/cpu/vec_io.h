@@ -81,8 +81,9 @@ inline at::vec::Vectorized<T> where(const at::vec::Vectorized<T>& v, const at::v
 }
 
 // v > 0 ? a : a * s, lane by lane (a NaN v takes a * s): PReLU with a = v and s its slope, PReLU's derivative
-// applied to a, bit for bit where<kPositive>(v, a, s * a). On AVX-512 one multiply under the mask "v not > 0",
-// no blend (the backward's reduction does two such selects among ten operations a vector).
+// applied to a, bit for bit where<kPositive>(v, a, s * a) (a NaN's payload aside: the operands' order is the
+// compiler's). On AVX-512 one multiply under the mask "v not > 0", no blend (the backward's reduction does two
+// such selects among ten operations a vector).
 template <typename T>
 inline at::vec::Vectorized<T> prelu_scale(const at::vec::Vectorized<T>& v, const at::vec::Vectorized<T>& a,
                                           const at::vec::Vectorized<T>& s) {
