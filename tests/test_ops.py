@@ -18,7 +18,7 @@ AWKWARD_SHAPES = [
     (2, 3, 96, 96),  # several NCHW tiles per channel
     (8, 400, 7, 7),  # NCHW tiles of several samples and part of the channels, partial at both ends
     (8, 5, 40, 40),  # several channels-last row tiles
-    (1, 300, 8, 8),  # channels-last row tiles of 54 and 10 rows: wide rows in groups of 4, one partial
+    (1, 300, 8, 8),  # channels-last: 64 rows in two tiles of 32 (at most 54), wide rows ending in a partial vector
     (3, 1100, 5, 3),  # several channels-last channel blocks, 45 rows
 ]
 TOLERANCE = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-4)}
