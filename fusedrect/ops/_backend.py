@@ -14,9 +14,9 @@ Backends:
 CUDA tensors have two implementations behind one dispatcher kernel per op (a router: csrc/cuda/router.cpp
 where the extension has its CUDA part, else that of fusedrect/ops/bn_act.py), which runs
 :func:`cuda_implementation` of the op's tensor: ``FUSEDRECT_BACKEND`` where it names ``"triton"`` or ``"cuda"``,
-else auto = the CUDA C++ kernels where the extension was built with them, else Triton. On an H200 (fp32, the four ResNet stage shapes at batch 32, both layouts) the CUDA C++
-path took 0.51-0.64x Triton's time in every case and mode, its kernels launched with less host work; it is
-what ``"auto"`` resolves to for CUDA tensors.
+else auto = the CUDA C++ kernels where the extension was built with them, else Triton. On an H200 (fp32, the
+four ResNet stage shapes at batch 32, both layouts) the CUDA C++ path took 0.51-0.64x Triton's time in every
+case and mode, its kernels launched with less host work; it is what ``"auto"`` resolves to for CUDA tensors.
 """
 import importlib.util
 import os
