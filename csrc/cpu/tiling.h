@@ -331,9 +331,12 @@ void reduce_tile(const Geometry& geo, const Tile& tile, const std::array<const s
     // U independent sums per term, vector j of a run into sums[j % U] and the tail (its lanes past the run
     // masked out) into sums[U - 1], combined in a fixed order. With one sum per term every add waits for the one
     // before: the statistics' passes (one or two terms of one or two operations each) took 1.4x the time in
-    // short runs. U = kBlockVectors / K keeps about kBlockVectors sums in flight; more of them slowed the
-    // backward's three terms, whose operations already fill the pipelines, by setting up and combining them.
-    constexpr size_t U = std::max<size_t>(1, kBlockVectors / K);
+    // short runs. U = kBlockVectors / K keeps about kBlockVectors sums in flight, and at least two per term
+    // where there are one or two terms (AVX2's one sum per term had left the statistics' second pass waiting on
+    // each fused multiply-add: one thread, NCHW, 32x256x14x14 and 32x128x28x28 took 1.2-1.3x the time); more of
+    // them slowed the backward's three terms, whose operations already fill the pipelines, by setting up and
+    // combining them (AVX2, two per term: 32x512x7x7 NCHW 1.07x the time).
+    constexpr size_t U = std::max<size_t>(K <= 2 ? 2 : 1, kBlockVectors / K);
     const int64_t len = tile.s1 - tile.s0;
     const int64_t full = len / V;
     const int64_t tail = len - full * V;
