@@ -27,6 +27,32 @@ def test_variance_with_large_mean(shape, layout):
     torch.testing.assert_close(running_var.double(), expected, rtol=1e-4, atol=0)
 
 
+def test_variance_with_outlier_samples():
+    """Every sixth sample 1000x the others, the first one too: NCHW 2x2 runs sum each position's 256 samples
+    shifted by one of them, in groups small enough that an outlier as the shift costs a few bits (in one group,
+    the variance had been 145 ulps off)."""
+    x = make_input((256, 16, 2, 2))
+    x[::6] *= 1000
+    mean, var = torch.ops.fusedrect.bn_stats(x)
+    var_ref, mean_ref = torch.var_mean(x.double(), [0, 2, 3], unbiased=False)
+    torch.testing.assert_close(var.double(), var_ref, rtol=2e-6, atol=0)
+    assert ((mean.double() - mean_ref).abs() / var_ref.sqrt()).max() < 1e-6
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_non_finite_shift_of_a_later_group(layout):
+    """Running statistics as PyTorch's where the first value of a later group of samples (NCHW 2x2 runs, 40
+    samples in three groups) is infinite (an infinite mean), and another group holds a NaN."""
+    x = make_input((40, 4, 2, 2), layout)
+    x[13, 0, 1, 1] = float("inf")
+    x[27, 1, 0, 0] = float("nan")
+    ours, theirs = (torch.zeros(4), torch.ones(4)), (torch.zeros(4), torch.ones(4))
+    fused_call(x, *ours, None, None, None, True, "cpp")
+    F.batch_norm(x, *theirs, training=True)
+    for got, expected in zip(ours, theirs):
+        torch.testing.assert_close(got, expected, equal_nan=True)
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", [(3, 4, 5, 5), (8, 4, 5, 5)], ids=str)  # NCHW statistics run by run, by position

@@ -127,16 +127,24 @@ ParamPtrs<T, kPReLU ? 4 : 3> z_params(const ChannelTable<T>& table) {
 // the statistics took 1.5x the time), and long runs have no tails to save.
 constexpr int64_t kShortRunSamples = 4;
 
+// short_run_stats' one-pass sums lose up to log2(1 + kShiftedSamples) bits where the shift is an outlier (in
+// 2x1 runs, one sample in six scaled by 1000: 145 ulps of the variance with all 128 samples in one group).
+constexpr int64_t kShiftedSamples = 16;
+
 // The local mean and sum of squared deviations of each channel of an NCHW tile of whole runs and nt >=
 // kShortRunSamples samples. A sample's part of the tile, channels [c0, c1) x S positions, is one block of
 // L = (c1 - c0) * S contiguous elements; the nt blocks are walked together in columns of vectors (no run tails:
-// one partial vector, at the end), a column's nt vectors summed, then re-read from L1. Per position j, with the
-// first sample's value k_j as the reference (x - k_j is exact where x is within 2x of k_j, and small; 0 where that
-// value is infinite or NaN, so that an infinite input makes the mean infinite, as PyTorch's, not NaN):
-//   r_j = sum_n (x[n][j] - k_j) / nt  (the position's mean is k_j + r_j),
-//   m2_j = sum_n d^2 - (sum_n d)^2 / nt  with d = (x[n][j] - k_j) - r_j;
-// then per channel c over its S positions (Chan's combination of S groups of nt elements), walked as the runs of
-// one NCHW sample of c1 - c0 channels over the rows of k_j, r_j and m2_j:
+// one partial vector, at the end), a column's vectors of a group of nb <= kShiftedSamples samples in one pass.
+// Per position j, with the group's first value k_j as the shift (x - k_j is exact where x is within 2x of k_j, and
+// small; 0 where that value is infinite or NaN, so that an infinite input makes the mean infinite, as PyTorch's,
+// not NaN), d = x[n][j] - k_j:
+//   s1_j = sum_n d,  s2_j = sum_n d^2,  r_j = s1_j / nb (the position's mean is k_j + r_j),  m2_j = s2_j - s1_j r_j.
+// The subtraction loses at most a factor s2_j / m2_j = 1 + nb (k_j - mean_j)^2 / m2_j <= 1 + nb of relative
+// accuracy, k_j being one of the nb values (m2_j >= (k_j - mean_j)^2): hence the groups. Later groups join the
+// first by Chan's merge, their means as offsets from its shift. (Two passes, the second over d - r_j, had taken
+// 1.3-1.7x the time: four dependent adds a vector.) Then per channel c over its S positions (Chan's combination of
+// S groups of nt elements), walked as the runs of one NCHW sample of c1 - c0 channels over the rows of k_j, r_j
+// and m2_j:
 //   mean_c = (sum_j k_j + sum_j r_j) / S,  m2_c = sum_j m2_j + nt * (sum_j e^2 - (sum_j e)^2 / S)
 //   with e = (k_j - mean_c) + r_j,
 // where the rounding of mean_c shifts every e alike and the (sum_j e)^2 term removes it. (Position means rounded
@@ -163,34 +171,51 @@ void short_run_stats(const Geometry& geo, const Tile& tile, const scalar_t* x, o
   T* pos_m2 = pos_r + L;      // m2_j
   T* e_sum = pos_m2 + L;      // per channel: sum_j e
   T* within = e_sum + width;  // per channel: sum_j m2_j
-  const Vec inv_nt(T(1) / T(nt));
-  for_vector_blocks<kBlockVectors, V>(0, L, [&](int64_t j, auto vectors, int64_t n) {
-    constexpr size_t B = decltype(vectors)::value;
-    std::array<Vec, B> k, r, sq, dev;
-    static_for<B>([&](auto b) {
-      const Vec first = load(block + j + int64_t(b) * V, n);
-      k[b] = Vec::blendv(Vec(T(0)), first, (first - first) == Vec(T(0)));  // an infinite or NaN reference: 0
-      r[b] = Vec(T(0));
-      sq[b] = Vec(T(0));
-      dev[b] = Vec(T(0));
-    });
-    for (int64_t s = 0; s < nt; ++s) {
-      static_for<B>([&](auto b) { r[b] = r[b] + (load(block + s * stride + j + int64_t(b) * V, n) - k[b]); });
-    }
-    static_for<B>([&](auto b) { r[b] = r[b] * inv_nt; });
-    for (int64_t s = 0; s < nt; ++s) {
+  // Three sums a vector: 2 * kBlockVectors vectors a column keep 6 of AVX2's 16 registers (12 of AVX-512's 32) for
+  // the rest, and as many independent chains of adds in flight.
+  const int64_t groups = ceil_div(nt, kShiftedSamples);
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t lo = g * nt / groups;  // the group's samples [lo, hi), shared out evenly
+    const int64_t hi = (g + 1) * nt / groups;
+    const Vec inv_nb(T(1) / T(hi - lo));
+    const Vec weight_a(T(lo) / T(hi));             // na / (na + nb), joining the na = lo samples before it
+    const Vec weight_b(T(hi - lo) / T(hi));        // nb / (na + nb)
+    const Vec joined(T(lo) * T(hi - lo) / T(hi));  // na nb / (na + nb)
+    for_vector_blocks<2 * kBlockVectors, V>(0, L, [&](int64_t j, auto vectors, int64_t n) {
+      constexpr size_t B = decltype(vectors)::value;
+      std::array<Vec, B> k, sum, sq;
       static_for<B>([&](auto b) {
-        const Vec d = (load(block + s * stride + j + int64_t(b) * V, n) - k[b]) - r[b];
-        sq[b] = sq[b] + d * d;
-        dev[b] = dev[b] + d;
+        const Vec first = load(block + lo * stride + j + int64_t(b) * V, n);
+        k[b] = Vec::blendv(Vec(T(0)), first, (first - first) == Vec(T(0)));  // an infinite or NaN shift: 0
+        sum[b] = first - k[b];  // the first sample's d: 0 where its value is the shift
+        sq[b] = sum[b] * sum[b];
       });
-    }
-    static_for<B>([&](auto b) {
-      store(pos_k + j + int64_t(b) * V, k[b], n);
-      store(pos_r + j + int64_t(b) * V, r[b], n);
-      store(pos_m2 + j + int64_t(b) * V, sq[b] - dev[b] * dev[b] * inv_nt, n);
+      for (int64_t s = lo + 1; s < hi; ++s) {
+        static_for<B>([&](auto b) {
+          const Vec d = load(block + s * stride + j + int64_t(b) * V, n) - k[b];
+          sum[b] = sum[b] + d;
+          sq[b] = sq[b] + d * d;
+        });
+      }
+      static_for<B>([&](auto b) {
+        const int64_t at = j + int64_t(b) * V;
+        const Vec r = sum[b] * inv_nb;
+        const Vec m2 = sq[b] - sum[b] * r;
+        if (g == 0) {
+          store(pos_k + at, k[b], n);
+          store(pos_r + at, r, n);
+          store(pos_m2 + at, m2, n);
+        } else {  // Chan's merge, the group's mean as an offset from the first group's shift
+          // (a weighted sum, not ra + delta * nb / n: an infinite ra would make that NaN)
+          const Vec ra = load(pos_r + at, n);
+          const Vec rb = (k[b] - load(pos_k + at, n)) + r;
+          const Vec delta = rb - ra;
+          store(pos_r + at, ra * weight_a + rb * weight_b, n);
+          store(pos_m2 + at, load(pos_m2 + at, n) + m2 + delta * delta * joined, n);
+        }
+      });
     });
-  });
+  }
   const Geometry rows{1, width, S, false};
   const Tile all{0, 0, 1, 0, width, 0, S};
   T* mean = tile_mean + tile.c0;
