@@ -145,6 +145,13 @@ inline void for_each_run(const Geometry& geo, const Tile& tile, const F& f) {
   }
 }
 
+// A hint to bring the line holding p into the caches (no fault where p is not mapped).
+inline void prefetch(const void* p) {
+#if defined(__GNUC__)
+  __builtin_prefetch(p, 0, 3);
+#endif
+}
+
 // Per-channel parameter vectors: broadcast from one channel (NCHW) or loaded over channels (channels-last).
 template <typename T, size_t NP>
 using ParamPtrs = std::array<const T*, NP>;
@@ -311,11 +318,23 @@ void reduce_tile(const Geometry& geo, const Tile& tile, const std::array<const s
     return t;
   };
   if (geo.channels_last) {
+    // Each step down a block's rows reads a new line of every input, a row apart, which the hardware
+    // prefetchers did not see coming: the backward's reduction waited on those loads (AMD Zen 3, one thread,
+    // 32x128x28x28: 2.7x the NCHW time). So each step also prefetches as many elements of the rows after the
+    // tile (the thread's next tile, where tiles span every channel), in address order.
+    const int64_t ahead = tile.c0 == 0 && tile.c1 == geo.C
+                              ? std::min(tile.n1 - tile.n0, geo.per_channel() - tile.n1) * geo.C
+                              : 0;  // elements
+    int64_t fetched = 0;
     for_channel_blocks<kBlockVectors, V>(tile, [&](int64_t c, auto block, int64_t n) {
       constexpr size_t B = decltype(block)::value;
       std::array<std::array<Vec, K>, B> sum;
       static_for<B>([&](auto j) { sum[j].fill(Vec(T(0))); });
       for (int64_t r = tile.n0; r < tile.n1; ++r) {  // each channel's rows in order, as in NCHW
+        if (fetched < ahead) {
+          for (size_t i = 0; i < NI; ++i) prefetch(in[i] + tile.n1 * geo.C + fetched);
+          fetched += int64_t(B) * V;
+        }
         static_for<B>([&](auto j) {  // parameters re-read from L1 where registers run out
           const auto t = terms(load_params(params, c + j * V, n), r * geo.C + c + j * V, n);
           for (size_t k = 0; k < K; ++k) sum[j][k] = sum[j][k] + t[k];
