@@ -28,9 +28,9 @@ def test_variance_with_large_mean(shape, layout):
 
 
 def test_variance_with_outlier_samples():
-    """Every sixth sample 1000x the others, the first one too: NCHW 2x2 runs sum each position's 256 samples
-    shifted by one of them, in groups small enough that an outlier as the shift costs a few bits (in one group,
-    the variance had been 145 ulps off)."""
+    """Every sixth sample 1000x the others, the first one too: NCHW 2x2 runs sum each position's 256 samples of a
+    tile shifted by one of them, in groups small enough that an outlier as the shift costs a few bits (4 ulps of
+    the variance here; in one group of 256, 115 ulps)."""
     x = make_input((256, 16, 2, 2))
     x[::6] *= 1000
     mean, var = torch.ops.fusedrect.bn_stats(x)
@@ -42,7 +42,8 @@ def test_variance_with_outlier_samples():
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_non_finite_shift_of_a_later_group(layout):
     """Running statistics as PyTorch's where the first value of a later group of samples (NCHW 2x2 runs, 40
-    samples in three groups) is infinite (an infinite mean), and another group holds a NaN."""
+    samples in three groups; channels-last walks rows) is infinite (an infinite mean), and another group holds a
+    NaN."""
     x = make_input((40, 4, 2, 2), layout)
     x[13, 0, 1, 1] = float("inf")
     x[27, 1, 0, 0] = float("nan")

@@ -64,6 +64,26 @@ def test_matches_plain_modules(kernel, stride, padding, groups, layout, activati
     assert fused.num_batches_tracked == bn.num_batches_tracked
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("channels", [6, 11])
+def test_input_gradient_in_place_over_partial_vectors(channels, layout):
+    """The backward writes the input's gradient over the activation's (grad_out itself): rows of 6 and 11 fp64
+    channels and 7x6 runs end in a partial vector, done as the whole vector ending there, which overlaps the one
+    before it; every element must still be read before it is written."""
+    fused = FusedPreActConv2d(channels, 5, 3, padding=1, activation="prelu", dtype=torch.float64)
+    with torch.no_grad():
+        fused.weight.uniform_(0.5, 1.5)
+        fused.bias.normal_()
+        fused.slope.uniform_(0.05, 0.5)
+    plain = fused.to_modules()
+    x = make_input((3, channels, 7, 6), layout, torch.float64)
+    grad = torch.randn(3, 5, 7, 6, dtype=torch.float64)
+    out, dx = run_step(fused, x, grad)
+    out_ref, dx_ref = run_step(plain, x, grad)
+    torch.testing.assert_close(out, out_ref)
+    torch.testing.assert_close(dx, dx_ref)
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("activation", ["relu", "prelu", "prelu_shared"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])

@@ -38,7 +38,8 @@ int64_t merge_grain(int64_t groups) { return std::max<int64_t>(1, kMergeWork / s
 enum Row : int64_t { kMean, kScale, kBeta, kSlope, kB, kD, kInvScale, kInvSlope, kRows };
 
 // Each row starts on a 64-byte line, so that the channels-last passes' vector loads of coefficients (channel
-// blocks start at multiples of the vector width) never span two lines: from malloc's 16-byte alignment about
+// blocks start at multiples of the vector width) never span two lines, but for an elementwise pass's row tail
+// (the vector ending at the last channel, where C is not a multiple of it): from malloc's 16-byte alignment about
 // half the processes had every such load split, and the row-by-row channels-last eval took up to 1.7x the time
 // in those (32x256x14x14, one thread: 206 against 118 us).
 template <typename T>
@@ -127,8 +128,8 @@ ParamPtrs<T, kPReLU ? 4 : 3> z_params(const ChannelTable<T>& table) {
 // the statistics took 1.5x the time), and long runs have no tails to save.
 constexpr int64_t kShortRunSamples = 4;
 
-// short_run_stats' one-pass sums lose up to log2(1 + kShiftedSamples) bits where the shift is an outlier (in
-// 2x1 runs, one sample in six scaled by 1000: 145 ulps of the variance with all 128 samples in one group).
+// short_run_stats' one-pass sums lose up to log2(kShiftedSamples) bits where the shift is an outlier (in 2x1
+// runs, one sample in six scaled by 1000: 145 ulps of the variance with all 256 samples in one group).
 constexpr int64_t kShiftedSamples = 16;
 
 // The local mean and sum of squared deviations of each channel of an NCHW tile of whole runs and nt >=
@@ -139,8 +140,8 @@ constexpr int64_t kShiftedSamples = 16;
 // small; 0 where that value is infinite or NaN, so that an infinite input makes the mean infinite, as PyTorch's,
 // not NaN), d = x[n][j] - k_j:
 //   s1_j = sum_n d,  s2_j = sum_n d^2,  r_j = s1_j / nb (the position's mean is k_j + r_j),  m2_j = s2_j - s1_j r_j.
-// The subtraction loses at most a factor s2_j / m2_j = 1 + nb (k_j - mean_j)^2 / m2_j <= 1 + nb of relative
-// accuracy, k_j being one of the nb values (m2_j >= (k_j - mean_j)^2): hence the groups. Later groups join the
+// The subtraction amplifies the sums' rounding by s2_j / m2_j = 1 + nb (k_j - mean_j)^2 / m2_j <= nb, k_j being
+// one of the nb values ((k_j - mean_j)^2 <= (nb - 1) / nb * m2_j): hence the groups. Later groups join the
 // first by Chan's merge, their means as offsets from its shift. (Two passes, the second over d - r_j, had taken
 // 1.3-1.7x the time: four dependent adds a vector.) Then per channel c over its S positions (Chan's combination of
 // S groups of nt elements), walked as the runs of one NCHW sample of c1 - c0 channels over the rows of k_j, r_j
@@ -171,8 +172,8 @@ void short_run_stats(const Geometry& geo, const Tile& tile, const scalar_t* x, o
   T* pos_m2 = pos_r + L;      // m2_j
   T* e_sum = pos_m2 + L;      // per channel: sum_j e
   T* within = e_sum + width;  // per channel: sum_j m2_j
-  // Three sums a vector: 2 * kBlockVectors vectors a column keep 6 of AVX2's 16 registers (12 of AVX-512's 32) for
-  // the rest, and as many independent chains of adds in flight.
+  // Three values a vector (the shift and two sums): 2 * kBlockVectors vectors a column take 12 of AVX2's 16
+  // registers (24 of AVX-512's 32), and keep as many independent chains of adds in flight.
   const int64_t groups = ceil_div(nt, kShiftedSamples);
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t lo = g * nt / groups;  // the group's samples [lo, hi), shared out evenly

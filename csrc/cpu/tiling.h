@@ -274,19 +274,25 @@ void map_tile(const Geometry& geometry, const Tile& walked, const std::array<con
       for (int64_t r = tile.n0; r < tile.n1; ++r) {
         const int64_t row = r * geo.C + tile.c0;
         const Vec last = compute(P[B - 1], row + last_at, last_lanes);
-        static_for<B - 1>([&](auto j) FUSEDRECT_PER_VECTOR { store_at(row + j * V, compute(P[j], row + j * V, V), V); });
+        static_for<B - 1>([&](auto j) FUSEDRECT_PER_VECTOR {
+          store_at(row + j * V, compute(P[j], row + j * V, V), V);
+        });
         store_at(row + last_at, last, last_lanes);
       }
     });
   } else if (geo.channels_last) {
     // Wide rows, row by row in address order (the hardware prefetchers stream them), each vector's parameters
-    // re-read from L1 (whole lines: the callers' rows are line-aligned, ChannelTable). In groups of 4 rows, each
+    // re-read from L1 (whole lines: the callers' rows are line-aligned, ChannelTable; only a row's tail, the
+    // vector ending at its last channel, may span two where C is not a multiple of V). In groups of 4 rows, each
     // vector's parameters loaded once for the group (out of address order, the next tile prefetched by
     // software), it took 1.3-1.4x this time (one thread, fp32, 32x256x14x14 and 32x128x28x28).
     for (int64_t r = tile.n0; r < tile.n1; ++r) {
       const int64_t row = r * geo.C + tile.c0;
       for_vectors_of_segment<V>(
-          width, [&](int64_t i, int64_t n) FUSEDRECT_PER_VECTOR { return compute(load_params(params, tile.c0 + i, n), row + i, n); },
+          width,
+          [&](int64_t i, int64_t n) FUSEDRECT_PER_VECTOR {
+            return compute(load_params(params, tile.c0 + i, n), row + i, n);
+          },
           [&](int64_t i, const Vec& v, int64_t n) FUSEDRECT_PER_VECTOR { store_at(row + i, v, n); });
     }
   } else {
@@ -326,13 +332,16 @@ void reduce_tile(const Geometry& geo, const Tile& tile, const std::array<const s
                               ? std::min(tile.n1 - tile.n0, geo.per_channel() - tile.n1) * geo.C
                               : 0;  // elements
     int64_t fetched = 0;
+    constexpr int64_t kLineElems = std::max<int64_t>(1, 64 / int64_t(sizeof(scalar_t)));
     for_channel_blocks<kBlockVectors, V>(tile, [&](int64_t c, auto block, int64_t n) {
       constexpr size_t B = decltype(block)::value;
       std::array<std::array<Vec, K>, B> sum;
       static_for<B>([&](auto j) { sum[j].fill(Vec(T(0))); });
       for (int64_t r = tile.n0; r < tile.n1; ++r) {  // each channel's rows in order, as in NCHW
-        if (fetched < ahead) {
-          for (size_t i = 0; i < NI; ++i) prefetch(in[i] + tile.n1 * geo.C + fetched);
+        if (fetched < ahead) {  // every line of the step's share: B * V elements
+          for (int64_t e = fetched; e < std::min(fetched + int64_t(B) * V, ahead); e += kLineElems) {
+            for (size_t i = 0; i < NI; ++i) prefetch(in[i] + tile.n1 * geo.C + e);
+          }
           fetched += int64_t(B) * V;
         }
         static_for<B>([&](auto j) {  // parameters re-read from L1 where registers run out
@@ -352,9 +361,10 @@ void reduce_tile(const Geometry& geo, const Tile& tile, const std::array<const s
     // before: the statistics' passes (one or two terms of one or two operations each) took 1.4x the time in
     // short runs. U = kBlockVectors / K keeps about kBlockVectors sums in flight, and at least two per term
     // where there are one or two terms (AVX2's one sum per term had left the statistics' second pass waiting on
-    // each fused multiply-add: one thread, NCHW, 32x256x14x14 and 32x128x28x28 took 1.2-1.3x the time); more of
-    // them slowed the backward's three terms, whose operations already fill the pipelines, by setting up and
-    // combining them (AVX2, two per term: 32x512x7x7 NCHW 1.07x the time).
+    // each fused multiply-add: one thread, NCHW, 32x256x14x14 and 32x128x28x28 took 1.2-1.3x the time; ReLU's
+    // backward sums, two terms, took as long or longer); more of them slowed PReLU's backward, three terms whose
+    // operations already fill the pipelines, by setting up and combining them (AVX2, two per term: 32x512x7x7
+    // NCHW 1.07x the time).
     constexpr size_t U = std::max<size_t>(K <= 2 ? 2 : 1, kBlockVectors / K);
     const int64_t len = tile.s1 - tile.s0;
     const int64_t full = len / V;
