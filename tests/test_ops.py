@@ -20,6 +20,8 @@ AWKWARD_SHAPES = [
     (8, 5, 40, 40),  # several channels-last row tiles
     (1, 300, 8, 8),  # channels-last: 64 rows in two tiles of 32 (at most 54), wide rows ending in a partial vector
     (3, 1100, 5, 3),  # several channels-last channel blocks, 45 rows
+    (9, 5, 1, 3),  # NCHW runs shorter than a vector: each sample's channels one segment, over spread parameters
+    (9, 5, 2, 3),  # the same in fp32 (fp64 on AVX2: runs of a vector and a partial one)
 ]
 TOLERANCE = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-4)}
 

@@ -240,6 +240,10 @@ inline void for_vectors_of_segment(int64_t len, const Compute& compute_at, const
   store_at(len - V, last, V);
 }
 
+// NCHW tiles of runs shorter than a vector and at least this many samples are walked sample by sample over a copy
+// of the parameters spread out to every position (map_tile): fewer samples would not repay the copy.
+inline constexpr int64_t kSpreadSamples = 4;
+
 // Elementwise pass over one tile: out = f(params, inputs...) for every element.
 template <typename scalar_t, size_t NP, size_t NI, typename F>
 void map_tile(const Geometry& geometry, const Tile& walked, const std::array<const scalar_t*, NI>& inputs,
@@ -294,6 +298,29 @@ void map_tile(const Geometry& geometry, const Tile& walked, const std::array<con
             return compute(load_params(params, tile.c0 + i, n), row + i, n);
           },
           [&](int64_t i, const Vec& v, int64_t n) FUSEDRECT_PER_VECTOR { store_at(row + i, v, n); });
+    }
+  } else if (geo.S < V && tile.n1 - tile.n0 >= kSpreadSamples) {
+    // Runs shorter than a vector (NCHW 2x2, say): each sample's part of the tile, (c1 - c0) * S contiguous
+    // elements, is one segment, walked over the parameters repeated S times a channel (a copy per tile, shared
+    // by its samples). Run by run, each run was one partial vector, a masked store, microcoded on AMD's cores.
+    using T = opmath_t<scalar_t>;
+    const int64_t len = width * geo.S;
+    const int64_t row_vectors = ceil_div(len, V);
+    std::vector<Vec> spread(NP * row_vectors);  // vector-aligned rows: no load spans two lines
+    ParamPtrs<T, NP> spread_rows;
+    for (size_t k = 0; k < NP; ++k) {
+      T* row = reinterpret_cast<T*>(spread.data() + k * row_vectors);
+      for (int64_t c = tile.c0; c < tile.c1; ++c) std::fill_n(row + (c - tile.c0) * geo.S, geo.S, params[k][c]);
+      spread_rows[k] = row;
+    }
+    for (int64_t n = tile.n0; n < tile.n1; ++n) {
+      const int64_t base = (n * geo.C + tile.c0) * geo.S;
+      for_vectors_of_segment<V>(
+          len,
+          [&](int64_t i, int64_t m) FUSEDRECT_PER_VECTOR {
+            return compute(load_params(spread_rows, i, m), base + i, m);
+          },
+          [&](int64_t i, const Vec& v, int64_t m) FUSEDRECT_PER_VECTOR { store_at(base + i, v, m); });
     }
   } else {
     for_each_run(geo, tile, [&](int64_t c, int64_t off, int64_t len) {
