@@ -305,11 +305,11 @@ void map_tile(const Geometry& geometry, const Tile& walked, const std::array<con
     // by its samples). Run by run, each run was one partial vector, a masked store, microcoded on AMD's cores.
     using T = opmath_t<scalar_t>;
     const int64_t len = width * geo.S;
-    const int64_t row_vectors = ceil_div(len, V);
-    std::vector<Vec> spread(NP * row_vectors);  // vector-aligned rows: no load spans two lines
+    const int64_t spread_vectors = ceil_div(len, V);  // per row
+    std::vector<Vec> spread(NP * spread_vectors);  // vector-aligned rows: no load spans two lines
     ParamPtrs<T, NP> spread_rows;
     for (size_t k = 0; k < NP; ++k) {
-      T* row = reinterpret_cast<T*>(spread.data() + k * row_vectors);
+      T* row = reinterpret_cast<T*>(spread.data() + k * spread_vectors);
       for (int64_t c = tile.c0; c < tile.c1; ++c) std::fill_n(row + (c - tile.c0) * geo.S, geo.S, params[k][c]);
       spread_rows[k] = row;
     }
