@@ -14,11 +14,13 @@ from fusedrect import reference
 from fusedrect.modules import FusedPreActConv2d
 
 
-def fused_unit(kernel, stride, padding, groups, activation, bias=True, dtype=torch.float64, **kwargs):
-    """A FusedPreActConv2d(4 -> 6) whose BatchNorm parameters and running statistics are away from defaults."""
+def fused_unit(kernel, stride, padding, groups, activation, bias=True, dtype=torch.float64, in_channels=4, **kwargs):
+    """A FusedPreActConv2d(in_channels -> 6) whose BatchNorm parameters and running statistics are away from
+    defaults."""
     prelu = {"activation": "prelu", "num_parameters": 1 if activation == "prelu_shared" else None} \
         if activation != "relu" else {}
-    unit = FusedPreActConv2d(4, 6, kernel, stride, padding, groups=groups, bias=bias, dtype=dtype, **prelu, **kwargs)
+    unit = FusedPreActConv2d(in_channels, 6, kernel, stride, padding, groups=groups, bias=bias, dtype=dtype, **prelu,
+                             **kwargs)
     with torch.no_grad():
         unit.weight.uniform_(0.5, 1.5)
         unit.bias.normal_()
@@ -70,14 +72,10 @@ def test_input_gradient_in_place_over_partial_vectors(channels, layout):
     """The backward writes the input's gradient over the activation's (grad_out itself): rows of 6 and 11 fp64
     channels and 7x6 runs end in a partial vector, done as the whole vector ending there, which overlaps the one
     before it; every element must still be read before it is written."""
-    fused = FusedPreActConv2d(channels, 5, 3, padding=1, activation="prelu", dtype=torch.float64)
-    with torch.no_grad():
-        fused.weight.uniform_(0.5, 1.5)
-        fused.bias.normal_()
-        fused.slope.uniform_(0.05, 0.5)
+    fused = fused_unit(3, 1, 1, 1, "prelu", in_channels=channels)
     plain = fused.to_modules()
     x = make_input((3, channels, 7, 6), layout, torch.float64)
-    grad = torch.randn(3, 5, 7, 6, dtype=torch.float64)
+    grad = torch.randn(3, 6, 7, 6, dtype=torch.float64)
     out, dx = run_step(fused, x, grad)
     out_ref, dx_ref = run_step(plain, x, grad)
     torch.testing.assert_close(out, out_ref)
