@@ -27,11 +27,12 @@ def test_variance_with_large_mean(shape, layout):
     torch.testing.assert_close(running_var.double(), expected, rtol=1e-4, atol=0)
 
 
-def test_variance_with_outlier_samples():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_variance_with_outlier_samples(layout):
     """Every sixth sample 1000x the others, the first one too: NCHW 2x2 runs sum each position's 256 samples of a
-    tile shifted by one of them, in groups small enough that an outlier as the shift costs a few bits (4 ulps of
-    the variance here; in one group of 256, 115 ulps)."""
-    x = make_input((256, 16, 2, 2))
+    tile (channels-last: each channel's 1024 rows) shifted by one of them, in groups small enough that an outlier
+    as the shift costs a few bits (4 ulps of the variance in NCHW; in one group of 256, 115 ulps)."""
+    x = make_input((256, 16, 2, 2), layout)
     x[::6] *= 1000
     mean, var = torch.ops.fusedrect.bn_stats(x)
     var_ref, mean_ref = torch.var_mean(x.double(), [0, 2, 3], unbiased=False)
@@ -41,12 +42,12 @@ def test_variance_with_outlier_samples():
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_non_finite_shift_of_a_later_group(layout):
-    """Running statistics as PyTorch's where the first value of a later group of samples (NCHW 2x2 runs, 40
-    samples in three groups; channels-last walks rows) is infinite (an infinite mean), and another group holds a
-    NaN."""
-    x = make_input((40, 4, 2, 2), layout)
-    x[13, 0, 1, 1] = float("inf")
-    x[27, 1, 0, 0] = float("nan")
+    """Running statistics as PyTorch's where the first value of a later group of samples is infinite (an infinite
+    mean) and another group holds a NaN: NCHW 2x2 runs of 32 samples in groups [0, 16) and [16, 32), channels-last
+    128 rows in groups of 16, so that sample 16's first row is a group's first value in both layouts."""
+    x = make_input((32, 4, 2, 2), layout)
+    x[16, 0, 0, 0] = float("inf")
+    x[24, 1, 0, 0] = float("nan")
     ours, theirs = (torch.zeros(4), torch.ones(4)), (torch.zeros(4), torch.ones(4))
     fused_call(x, *ours, None, None, None, True, "cpp")
     F.batch_norm(x, *theirs, training=True)

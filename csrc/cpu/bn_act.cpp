@@ -122,18 +122,21 @@ ParamPtrs<T, kPReLU ? 4 : 3> z_params(const ChannelTable<T>& table) {
   return p;
 }
 
-// NCHW tiles of short runs (S < kMinChannelElems) and at least this many samples take short_run_stats (tiling_of
-// gives such a tile kMinChannelElems / S samples or more where N allows: S <= 64 in large batches); with 2 or 3
-// samples its pass over the per-position rows cost more than the run tails it saves (32x256x14x14, 2 samples:
-// the statistics took 1.5x the time), and long runs have no tails to save.
-constexpr int64_t kShortRunSamples = 4;
+// Tiles of at least this many samples (rows, channels-last) take shifted_stats where it pays: every channels-last
+// tile (the two-pass walk down a block's rows, the second one from L2, took 2.1-2.7x its time, one thread, fp32,
+// the four ResNet stages), and NCHW tiles of short runs (S < kMinChannelElems; tiling_of gives such a tile
+// kMinChannelElems / S samples or more where N allows: S <= 64 in large batches): with 2 or 3 samples its pass
+// over the per-position rows cost more than the run tails it saves (32x256x14x14, 2 samples: the statistics took
+// 1.5x the time), and long runs have no tails to save.
+constexpr int64_t kMinShiftedSamples = 4;
 
-// short_run_stats' one-pass sums lose up to log2(kShiftedSamples) bits where the shift is an outlier (in 2x1
+// shifted_stats' one-pass sums lose up to log2(kShiftedSamples) bits where the shift is an outlier (in 2x1
 // runs, one sample in six scaled by 1000: 145 ulps of the variance with all 256 samples in one group).
 constexpr int64_t kShiftedSamples = 16;
 
 // The local mean and sum of squared deviations of each channel of an NCHW tile of whole runs and nt >=
-// kShortRunSamples samples. A sample's part of the tile, channels [c0, c1) x S positions, is one block of
+// kMinShiftedSamples samples (a channels-last tile: runs of one position, S = 1, its rows the samples), in one pass
+// of shifted sums. A sample's part of the tile, channels [c0, c1) x S positions, is one block of
 // L = (c1 - c0) * S contiguous elements; the nt blocks are walked together in columns of vectors (no run tails:
 // one partial vector, at the end), a column's vectors of a group of nb <= kShiftedSamples samples in one pass.
 // Per position j, with the group's first value k_j as the shift (x - k_j is exact where x is within 2x of k_j, and
@@ -141,11 +144,11 @@ constexpr int64_t kShiftedSamples = 16;
 // not NaN), d = x[n][j] - k_j:
 //   s1_j = sum_n d,  s2_j = sum_n d^2,  r_j = s1_j / nb (the position's mean is k_j + r_j),  m2_j = s2_j - s1_j r_j.
 // The subtraction amplifies the sums' rounding by s2_j / m2_j = 1 + nb (k_j - mean_j)^2 / m2_j <= nb, k_j being
-// one of the nb values ((k_j - mean_j)^2 <= (nb - 1) / nb * m2_j): hence the groups. Later groups join the
-// first by Chan's merge, their means as offsets from its shift. (Two passes, the second over d - r_j, had taken
-// 1.3-1.7x the time: four dependent adds a vector.) Then per channel c over its S positions (Chan's combination of
-// S groups of nt elements), walked as the runs of one NCHW sample of c1 - c0 channels over the rows of k_j, r_j
-// and m2_j:
+// one of the nb values ((k_j - mean_j)^2 <= (nb - 1) / nb * m2_j): hence the groups. Later groups join by Chan's
+// merge, their means as offsets from the shift so far, which then moves to the merged mean (k_j and r_j below
+// are the last shift and offset). (Two passes, the second over d - r_j, had taken 1.3-1.7x the time: four
+// dependent adds a vector.) Then per channel c over its S positions (Chan's combination of S groups of nt
+// elements), walked as the runs of one NCHW sample of c1 - c0 channels over the rows of k_j, r_j and m2_j:
 //   mean_c = (sum_j k_j + sum_j r_j) / S,  m2_c = sum_j m2_j + nt * (sum_j e^2 - (sum_j e)^2 / S)
 //   with e = (k_j - mean_c) + r_j,
 // where the rounding of mean_c shifts every e alike and the (sum_j e)^2 term removes it. (Position means rounded
@@ -153,7 +156,7 @@ constexpr int64_t kShiftedSamples = 16;
 // digit to them.) Run by run, a 7x7 run was 3 vectors and a 1-lane tail, and the statistics took 2.4x the
 // channels-last time over the same bytes.
 template <typename scalar_t>
-void short_run_stats(const Geometry& geo, const Tile& tile, const scalar_t* x, opmath_t<scalar_t>* tile_mean,
+void shifted_stats(const Geometry& geo, const Tile& tile, const scalar_t* x, opmath_t<scalar_t>* tile_mean,
                      opmath_t<scalar_t>* tile_m2) {
   using T = opmath_t<scalar_t>;
   using Vec = MathVec<scalar_t>;
@@ -200,27 +203,41 @@ void short_run_stats(const Geometry& geo, const Tile& tile, const scalar_t* x, o
       }
       static_for<B>([&](auto b) {
         const int64_t at = j + int64_t(b) * V;
-        const Vec r = sum[b] * inv_nb;
-        const Vec m2 = sq[b] - sum[b] * r;
-        if (g == 0) {
-          store(pos_k + at, k[b], n);
-          store(pos_r + at, r, n);
-          store(pos_m2 + at, m2, n);
-        } else {  // Chan's merge, the group's mean as an offset from the first group's shift
+        Vec shift = k[b];
+        Vec r = sum[b] * inv_nb;
+        Vec m2 = sq[b] - sum[b] * r;
+        if (g > 0) {  // Chan's merge, the group's mean as an offset from the samples so far's shift
           // (a weighted sum, not ra + delta * nb / n: an infinite ra would make that NaN)
+          shift = load(pos_k + at, n);
           const Vec ra = load(pos_r + at, n);
-          const Vec rb = (k[b] - load(pos_k + at, n)) + r;
+          const Vec rb = (k[b] - shift) + r;
           const Vec delta = rb - ra;
-          store(pos_r + at, ra * weight_a + rb * weight_b, n);
-          store(pos_m2 + at, load(pos_m2 + at, n) + m2 + delta * delta * joined, n);
+          r = ra * weight_a + rb * weight_b;
+          m2 = load(pos_m2 + at, n) + m2 + delta * delta * joined;
         }
+        // The shift moves to the mean so far (where finite), the offset keeping what that rounded off: so later
+        // merges round offsets the size of the group means' spread, not of an outlier shift's distance from
+        // them (kept at the first value, 64 merges of 16 channels-last rows lost 1.3e-6 of a standard
+        // deviation of the mean where the first sample was 1000x the others).
+        const Vec moved = shift + r;
+        const auto finite = (moved - moved) == Vec(T(0));
+        store(pos_k + at, Vec::blendv(shift, moved, finite), n);
+        store(pos_r + at, Vec::blendv(r, (shift - moved) + r, finite), n);
+        store(pos_m2 + at, m2, n);
       });
     });
   }
-  const Geometry rows{1, width, S, false};
-  const Tile all{0, 0, 1, 0, width, 0, S};
   T* mean = tile_mean + tile.c0;
   T* m2 = tile_m2 + tile.c0;
+  if (S == 1) {  // one position a channel: its mean k + r, its m2 the position's
+    for (int64_t c = 0; c < width; ++c) {
+      mean[c] = pos_k[c] + pos_r[c];
+      m2[c] = pos_m2[c];
+    }
+    return;
+  }
+  const Geometry rows{1, width, S, false};
+  const Tile all{0, 0, 1, 0, width, 0, S};
   reduce_tile<T, 0, 2, 2>(rows, all, {pos_k, pos_r}, {}, {mean, e_sum},
                           [](const auto&, const auto& X) { return std::array<TVec, 2>{X[0], X[1]}; });
   for (int64_t c = 0; c < width; ++c) mean[c] = (mean[c] + e_sum[c]) / T(S);  // (sum_j k_j + sum_j r_j) / S
@@ -232,8 +249,8 @@ void short_run_stats(const Geometry& geo, const Tile& tile, const scalar_t* x, o
   for (int64_t c = 0; c < width; ++c) m2[c] = within[c] + T(nt) * (m2[c] - e_sum[c] * e_sum[c] / T(S));
 }
 
-// Batch statistics: per tile, the local mean and sum of squared deviations from it (two passes over a
-// tile that sits in cache, the second one corrected; short_run_stats for NCHW tiles of short runs), then Chan
+// Batch statistics: per tile, the local mean and sum of squared deviations from it (shifted_stats, or two passes
+// over a tile that sits in cache, the second one corrected, for NCHW tiles of long runs), then Chan
 // et al.'s pairwise merge of the tiles in a fixed order, in fp64. Calls store(c, mean_c, var_c) with channel
 // c's mean and biased variance, in fp64.
 template <typename scalar_t, typename Store>
@@ -251,8 +268,9 @@ void batch_stats(const Geometry& geo, const scalar_t* x, const Store& store) {
     T* tile_mean = local_mean + tile.g * C;
     T* tile_m2 = local_m2 + tile.g * C;
     T* tile_dsum = local_dsum + tile.g * C;
-    if (!geo.channels_last && geo.S < kMinChannelElems && tile.n1 - tile.n0 >= kShortRunSamples) {
-      short_run_stats(geo, tile, x, tile_mean, tile_m2);
+    if ((geo.channels_last || geo.S < kMinChannelElems) && tile.n1 - tile.n0 >= kMinShiftedSamples) {
+      // A channels-last tile is an NCHW one of runs of one position (its s0 = 0, s1 = 1), its rows the samples.
+      shifted_stats(geo.channels_last ? Geometry{t.rows, C, 1, false} : geo, tile, x, tile_mean, tile_m2);
       return;
     }
     reduce_tile<scalar_t, 0, 1, 1>(geo, tile, {x}, {}, {tile_mean},
