@@ -335,12 +335,16 @@ void map_tile(const Geometry& geometry, const Tile& walked, const std::array<con
 // Reduction over one tile: acc[k][c] = sum over the tile's elements of channel c of f(params, inputs...)[k].
 // acc[k] is indexed by channel; lanes past a tail are masked out before they are added.
 template <typename scalar_t, size_t NP, size_t NI, size_t K, typename F>
-void reduce_tile(const Geometry& geo, const Tile& tile, const std::array<const scalar_t*, NI>& in,
-                 const ParamPtrs<opmath_t<scalar_t>, NP>& params, const std::array<opmath_t<scalar_t>*, K>& acc,
+void reduce_tile(const Geometry& geo, const Tile& tile, const std::array<const scalar_t*, NI>& inputs,
+                 const ParamPtrs<opmath_t<scalar_t>, NP>& rows, const std::array<opmath_t<scalar_t>*, K>& acc,
                  const F& f) {
   using T = opmath_t<scalar_t>;
   using Vec = MathVec<scalar_t>;
   constexpr int64_t V = Vec::size();
+  // Local copies, as in map_tile: read through the references, the pointers were loaded again for every vector
+  // (channels-last, where registers run short: from the stack, with the loop's counter).
+  const std::array<const scalar_t*, NI> in = inputs;
+  const ParamPtrs<T, NP> params = rows;
   auto terms = [&](const ParamVecs<T, NP>& P, int64_t off, int64_t n) FUSEDRECT_PER_VECTOR {
     std::array<Vec, NI> X;
     for (size_t i = 0; i < NI; ++i) X[i] = load(in[i] + off, n);
@@ -355,9 +359,9 @@ void reduce_tile(const Geometry& geo, const Tile& tile, const std::array<const s
     // prefetchers did not see coming: the backward's reduction waited on those loads (AMD Zen 3, one thread,
     // 32x128x28x28: 2.7x the NCHW time). So each step also prefetches as many elements of the rows after the
     // tile (the thread's next tile, where tiles span every channel), in address order.
-    const int64_t ahead = tile.c0 == 0 && tile.c1 == geo.C
-                              ? std::min(tile.n1 - tile.n0, geo.per_channel() - tile.n1) * geo.C
-                              : 0;  // elements
+    const int64_t C = geo.C;
+    const int64_t ahead =
+        tile.c0 == 0 && tile.c1 == C ? std::min(tile.n1 - tile.n0, geo.per_channel() - tile.n1) * C : 0;  // elements
     int64_t fetched = 0;
     constexpr int64_t kLineElems = std::max<int64_t>(1, 64 / int64_t(sizeof(scalar_t)));
     for_channel_blocks<kBlockVectors, V>(tile, [&](int64_t c, auto block, int64_t n) {
@@ -367,12 +371,12 @@ void reduce_tile(const Geometry& geo, const Tile& tile, const std::array<const s
       for (int64_t r = tile.n0; r < tile.n1; ++r) {  // each channel's rows in order, as in NCHW
         if (fetched < ahead) {  // every line of the step's share: B * V elements
           for (int64_t e = fetched; e < std::min(fetched + int64_t(B) * V, ahead); e += kLineElems) {
-            for (size_t i = 0; i < NI; ++i) prefetch(in[i] + tile.n1 * geo.C + e);
+            for (size_t i = 0; i < NI; ++i) prefetch(in[i] + tile.n1 * C + e);
           }
           fetched += int64_t(B) * V;
         }
         static_for<B>([&](auto j) {  // parameters re-read from L1 where registers run out
-          const auto t = terms(load_params(params, c + j * V, n), r * geo.C + c + j * V, n);
+          const auto t = terms(load_params(params, c + j * V, n), r * C + c + j * V, n);
           for (size_t k = 0; k < K; ++k) sum[j][k] = sum[j][k] + t[k];
         });
       }
