@@ -157,7 +157,7 @@ constexpr int64_t kShiftedSamples = 16;
 // channels-last time over the same bytes.
 template <typename scalar_t>
 void shifted_stats(const Geometry& geo, const Tile& tile, const scalar_t* x, opmath_t<scalar_t>* tile_mean,
-                     opmath_t<scalar_t>* tile_m2) {
+                   opmath_t<scalar_t>* tile_m2) {
   using T = opmath_t<scalar_t>;
   using Vec = MathVec<scalar_t>;
   using TVec = MathVec<T>;
