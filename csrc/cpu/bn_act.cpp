@@ -122,12 +122,12 @@ ParamPtrs<T, kPReLU ? 4 : 3> z_params(const ChannelTable<T>& table) {
   return p;
 }
 
-// Tiles of at least this many samples (rows, channels-last) take shifted_stats where it pays: every channels-last
-// tile (the two-pass walk down a block's rows, the second one from L2, took 2.1-2.7x its time, one thread, fp32,
-// the four ResNet stages), and NCHW tiles of short runs (S < kMinChannelElems; tiling_of gives such a tile
-// kMinChannelElems / S samples or more where N allows: S <= 64 in large batches): with 2 or 3 samples its pass
-// over the per-position rows cost more than the run tails it saves (32x256x14x14, 2 samples: the statistics took
-// 1.5x the time), and long runs have no tails to save.
+// Tiles of at least this many samples (rows, channels-last) take shifted_stats where it pays: channels-last tiles
+// (at least 16 rows but where the batch has fewer than 4 per channel; the two-pass walk down a block's rows, the
+// second one from L2, took 2.1-2.7x its time, one thread, fp32, the four ResNet stages), and NCHW tiles of short
+// runs (S < kMinChannelElems; tiling_of gives such a tile kMinChannelElems / S samples or more where N allows:
+// S <= 64 in large batches): with 2 or 3 samples its pass over the per-position rows cost more than the run tails
+// it saves (32x256x14x14, 2 samples: the statistics took 1.5x the time), and long runs have no tails to save.
 constexpr int64_t kMinShiftedSamples = 4;
 
 // shifted_stats' one-pass sums lose up to log2(kShiftedSamples) bits where the shift is an outlier (in 2x1
@@ -153,8 +153,8 @@ constexpr int64_t kShiftedSamples = 16;
 //   with e = (k_j - mean_c) + r_j,
 // where the rounding of mean_c shifts every e alike and the (sum_j e)^2 term removes it. (Position means rounded
 // on their own instead had independent errors of eps * |mean|, and the variance of x = 300 + 2 * randn lost a
-// digit to them.) Run by run, a 7x7 run was 3 vectors and a 1-lane tail, and the statistics took 2.4x the
-// channels-last time over the same bytes.
+// digit to them.) Run by run, a 7x7 run was 3 vectors and a 1-lane tail, and the statistics took 2.4x the time of
+// the channels-last ones (then two passes) over the same bytes.
 template <typename scalar_t>
 void shifted_stats(const Geometry& geo, const Tile& tile, const scalar_t* x, opmath_t<scalar_t>* tile_mean,
                    opmath_t<scalar_t>* tile_m2) {
@@ -215,10 +215,11 @@ void shifted_stats(const Geometry& geo, const Tile& tile, const scalar_t* x, opm
           r = ra * weight_a + rb * weight_b;
           m2 = load(pos_m2 + at, n) + m2 + delta * delta * joined;
         }
-        // The shift moves to the mean so far (where finite), the offset keeping what that rounded off: so later
-        // merges round offsets the size of the group means' spread, not of an outlier shift's distance from
-        // them (kept at the first value, 64 merges of 16 channels-last rows lost 1.3e-6 of a standard
-        // deviation of the mean where the first sample was 1000x the others).
+        // The shift moves to the mean so far (where finite), the offset keeping what that rounded off (exactly
+        // where |shift| >= |r|, else but for about eps * |r|): so later merges round offsets the size of the
+        // group means' spread, not of an outlier shift's distance from them (kept at the first value, 63 merges
+        // of 16 channels-last rows lost 1.3e-6 of a standard deviation of the mean where the first sample was
+        // 1000x the others).
         const Vec moved = shift + r;
         const auto finite = (moved - moved) == Vec(T(0));
         store(pos_k + at, Vec::blendv(shift, moved, finite), n);
@@ -249,8 +250,9 @@ void shifted_stats(const Geometry& geo, const Tile& tile, const scalar_t* x, opm
   for (int64_t c = 0; c < width; ++c) m2[c] = within[c] + T(nt) * (m2[c] - e_sum[c] * e_sum[c] / T(S));
 }
 
-// Batch statistics: per tile, the local mean and sum of squared deviations from it (shifted_stats, or two passes
-// over a tile that sits in cache, the second one corrected, for NCHW tiles of long runs), then Chan
+// Batch statistics: per tile, the local mean and sum of squared deviations from it (shifted_stats, or, for NCHW
+// tiles of long runs and tiles of too few samples, two passes over a tile that sits in cache, the second one
+// corrected), then Chan
 // et al.'s pairwise merge of the tiles in a fixed order, in fp64. Calls store(c, mean_c, var_c) with channel
 // c's mean and biased variance, in fp64.
 template <typename scalar_t, typename Store>
