@@ -44,12 +44,13 @@ def test_variance_with_outlier_samples(layout):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_non_finite_shift_of_a_later_group(layout):
     """Running statistics as PyTorch's where the first value of a later group of samples is infinite (an infinite
-    mean) and another group holds a NaN: NCHW 2x2 runs of 32 samples in groups [0, 16) and [16, 32), channels-last
-    128 rows in groups of 16: sample 16's first row is a group's first value in both layouts, sample 8 in another
-    group."""
+    mean), another group holds a NaN, and the first value of all is -inf: NCHW 2x2 runs of 32 samples in groups
+    [0, 16) and [16, 32), channels-last 128 rows in groups of 16: sample 16's first row is a group's first value in
+    both layouts, sample 8 in another group."""
     x = make_input((32, 4, 2, 2), layout)
     x[16, 0, 0, 0] = float("inf")
     x[8, 1, 0, 0] = float("nan")
+    x[0, 2, 0, 0] = float("-inf")
     ours, theirs = (torch.zeros(4), torch.ones(4)), (torch.zeros(4), torch.ones(4))
     fused_call(x, *ours, None, None, None, True, "cpp")
     F.batch_norm(x, *theirs, training=True)
