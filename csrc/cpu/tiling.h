@@ -172,17 +172,27 @@ inline ParamVecs<T, NP> load_params(const ParamPtrs<T, NP>& p, int64_t c, int64_
   return v;
 }
 
-// A reduction walks a channels-last tile in blocks of kBlockVectors vectors of channels, every row of the tile
-// for one block before the next, so that the block's sums stay in registers (an elementwise pass walks it row
-// by row instead, its writes in address order: blocked, it measured slower here). Calls
+// A reduction walks a channels-last tile in blocks of kReduceBlockVectors vectors of channels, every row of the
+// tile for one block before the next, so that the block's sums stay in registers (an elementwise pass walks it
+// row by row instead, its writes in address order: blocked, it measured slower here). Calls
 // f(c, std::integral_constant<size_t, B>{}, n) for blocks of B full vectors of channels from c, then for the
 // remaining vectors one by one (B = 1), the last one with n < V lanes where C is not a multiple of V.
-// Up to 3 sums per vector: 12 of AVX-512's 32 registers with 4 vectors, 6 of AVX2's 16 with 2.
+// kBlockVectors vectors of up to 3 sums each fill 12 of AVX-512's 32 registers with 4 vectors, 6 of AVX2's 16
+// with 2 (the blocks of shifted_stats' columns, of map_tile's short channels-last rows; the sums in flight in
+// reduce_tile's NCHW walk).
 #ifdef CPU_CAPABILITY_AVX512
 inline constexpr size_t kBlockVectors = 4;
 #else
 inline constexpr size_t kBlockVectors = 2;
 #endif
+
+// reduce_tile's channels-last blocks are 4 vectors on every capability: two lines of each fp32 input a row on
+// AVX2, whose walk down the rows waits on memory, not on registers. With AVX2's 2 vectors (one line) a step had
+// half the loads in flight, and PReLU's backward sums took 1.17-1.28x this time (AMD Zen 3, one thread, the four
+// ResNet stages; median of 6 alternating pairs of processes), although 12 sums of 16 registers now leave the
+// parameters to be re-read from L1. (In 6 more pairs, at a time when every build ran about 1.6x faster, the two
+// were within 0.94-1.08 of each other.)
+inline constexpr size_t kReduceBlockVectors = 4;
 
 // Calls f(std::integral_constant<size_t, B>{}) with B = n, for 1 <= n <= kMax.
 template <size_t kMax, typename F>
@@ -364,7 +374,7 @@ void reduce_tile(const Geometry& geo, const Tile& tile, const std::array<const s
         tile.c0 == 0 && tile.c1 == C ? std::min(tile.n1 - tile.n0, geo.per_channel() - tile.n1) * C : 0;  // elements
     int64_t fetched = 0;
     constexpr int64_t kLineElems = std::max<int64_t>(1, 64 / int64_t(sizeof(scalar_t)));
-    for_channel_blocks<kBlockVectors, V>(tile, [&](int64_t c, auto block, int64_t n) {
+    for_channel_blocks<kReduceBlockVectors, V>(tile, [&](int64_t c, auto block, int64_t n) {
       constexpr size_t B = decltype(block)::value;
       std::array<std::array<Vec, K>, B> sum;
       static_for<B>([&](auto j) { sum[j].fill(Vec(T(0))); });
