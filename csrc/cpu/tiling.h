@@ -172,26 +172,24 @@ inline ParamVecs<T, NP> load_params(const ParamPtrs<T, NP>& p, int64_t c, int64_
   return v;
 }
 
-// A reduction walks a channels-last tile in blocks of kReduceBlockVectors vectors of channels, every row of the
-// tile for one block before the next, so that the block's sums stay in registers (an elementwise pass walks it
-// row by row instead, its writes in address order: blocked, it measured slower here). Calls
-// f(c, std::integral_constant<size_t, B>{}, n) for blocks of B full vectors of channels from c, then for the
-// remaining vectors one by one (B = 1), the last one with n < V lanes where C is not a multiple of V.
-// kBlockVectors vectors of up to 3 sums each fill 12 of AVX-512's 32 registers with 4 vectors, 6 of AVX2's 16
-// with 2 (the blocks of shifted_stats' columns, of map_tile's short channels-last rows; the sums in flight in
-// reduce_tile's NCHW walk).
+// How many vectors a pass keeps in registers at once: the column blocks of shifted_stats (2 * kBlockVectors vectors
+// of 3 values: 12 of AVX2's 16 registers, 24 of AVX-512's 32), the widest channels-last rows whose parameters
+// map_tile keeps in registers, and about kBlockVectors sums in flight in reduce_tile's NCHW walk.
 #ifdef CPU_CAPABILITY_AVX512
 inline constexpr size_t kBlockVectors = 4;
 #else
 inline constexpr size_t kBlockVectors = 2;
 #endif
 
-// reduce_tile's channels-last blocks are 4 vectors on every capability: two lines of each fp32 input a row on
-// AVX2, whose walk down the rows waits on memory, not on registers. With AVX2's 2 vectors (one line) a step had
-// half the loads in flight, and PReLU's backward sums took 1.17-1.28x this time (AMD Zen 3, one thread, the four
-// ResNet stages; median of 6 alternating pairs of processes), although 12 sums of 16 registers now leave the
-// parameters to be re-read from L1. (In 6 more pairs, at a time when every build ran about 1.6x faster, the two
-// were within 0.94-1.08 of each other.)
+// A reduction walks a channels-last tile in blocks of kReduceBlockVectors vectors of channels, every row of the
+// tile for one block before the next, so that the block's sums stay in registers (an elementwise pass walks it
+// row by row instead, its writes in address order: blocked, it measured slower here): for_channel_blocks.
+// The blocks are 4 vectors on every capability: two lines of each fp32 input a row on AVX2, whose walk down the
+// rows waits on memory, not on registers. With AVX2's 2 vectors (one line) a step had half the loads in flight,
+// and PReLU's backward sums took 1.17-1.28x this time (AMD Zen 3, one thread, the four ResNet stages; median of 6
+// alternating pairs of processes), although 12 sums of 16 registers now leave the parameters to be re-read from
+// L1. (In 6 more pairs, at a time when every build ran about 1.6x faster, the two were within 0.94-1.08 of each
+// other.)
 inline constexpr size_t kReduceBlockVectors = 4;
 
 // Calls f(std::integral_constant<size_t, B>{}) with B = n, for 1 <= n <= kMax.
@@ -227,6 +225,8 @@ inline void for_vector_blocks(int64_t begin, int64_t end, const F& f) {
   for (; i < end; i += V) f(i, std::integral_constant<size_t, 1>{}, std::min(V, end - i));
 }
 
+// Calls f(c, std::integral_constant<size_t, B>{}, n) for blocks of B full vectors of channels from c, then for the
+// remaining vectors one by one (B = 1), the last one with n < V lanes where C is not a multiple of V.
 template <size_t B, int64_t V, typename F>
 inline void for_channel_blocks(const Tile& tile, const F& f) {
   for_vector_blocks<B, V>(tile.c0, tile.c1, f);

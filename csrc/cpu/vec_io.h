@@ -74,7 +74,7 @@ inline at::vec::Vectorized<T> where(const at::vec::Vectorized<T>& v, const at::v
 #endif
 #if defined(CPU_CAPABILITY_AVX2) && defined(__GNUC__) && !defined(__clang__)
   // GCC lowers _mm256_blendv_ps/pd (blendv's) to a select on the sign of the mask, which it takes again from the
-  // all-ones compare result with an integer compare (vpcmpgtd) before the blend: one instruction more per select,
+  // all-ones compare result with an integer compare (vpcmpgtd/q) before the blend: one instruction more per select,
   // and a crossing from the floating-point pipes and back. A select in GCC's vector extensions is the compare and
   // the blend alone (a NaN lane still tests false). One thread, 32x256x14x14, median of 8 alternating pairs of
   // processes: the eval forward 0.91x the time (NCHW) and 1.03x (channels-last), PReLU's backward sums 0.96x and
