@@ -252,9 +252,8 @@ void shifted_stats(const Geometry& geo, const Tile& tile, const scalar_t* x, opm
 
 // Batch statistics: per tile, the local mean and sum of squared deviations from it (shifted_stats, or, for NCHW
 // tiles of long runs and tiles of too few samples, two passes over a tile that sits in cache, the second one
-// corrected), then Chan
-// et al.'s pairwise merge of the tiles in a fixed order, in fp64. Calls store(c, mean_c, var_c) with channel
-// c's mean and biased variance, in fp64.
+// corrected), then Chan et al.'s pairwise merge of the tiles in a fixed order, in fp64. Calls store(c, mean_c,
+// var_c) with channel c's mean and biased variance, in fp64.
 template <typename scalar_t, typename Store>
 void batch_stats(const Geometry& geo, const scalar_t* x, const Store& store) {
   using T = opmath_t<scalar_t>;
