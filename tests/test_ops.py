@@ -22,6 +22,8 @@ AWKWARD_SHAPES = [
     (3, 1100, 5, 3),  # several channels-last channel blocks, 45 rows
     (9, 5, 1, 3),  # NCHW runs shorter than a vector: each sample's channels one segment, over spread parameters
     (9, 5, 2, 3),  # the same in fp32 (fp64 on AVX2: runs of a vector and a partial one)
+    (4, 115, 5, 3),  # channels-last rows of 7 whole fp32 vectors on AVX-512 (14 on AVX2) and a partial one: the
+                     # whole vectors left after the blocks walked as one block (reductions: 3 or 2, statistics: 7 or 6)
 ]
 TOLERANCE = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-4)}
 
