@@ -125,14 +125,21 @@ ParamPtrs<T, kPReLU ? 4 : 3> z_params(const ChannelTable<T>& table) {
 // Tiles of at least this many samples (rows, channels-last) take shifted_stats where it pays: channels-last tiles
 // (at least 16 rows but where the batch has fewer than 4 per channel; the two-pass walk down a block's rows, the
 // second one from L2, took 2.1-2.7x its time, one thread, fp32, the four ResNet stages), and NCHW tiles of short
-// runs (S < kMinChannelElems; tiling_of gives such a tile kMinChannelElems / S samples or more where N allows:
-// S <= 64 in large batches): with 2 or 3 samples its pass over the per-position rows cost more than the run tails
-// it saves (32x256x14x14, 2 samples: the statistics took 1.5x the time), and long runs have no tails to save.
+// runs (S < kMinChannelElems; the statistics' tiles give them kShiftedChannelElems / S samples or more where N
+// allows): with 2 or 3 samples its pass over the per-position rows cost more than the run tails it saves
+// (32x256x14x14, 2 samples: the statistics took 1.5x the time), and long runs have no tails to save.
 constexpr int64_t kMinShiftedSamples = 4;
 
 // shifted_stats' one-pass sums lose up to log2(kShiftedSamples) bits where the shift is an outlier (in 2x1
 // runs, one sample in six scaled by 1000: 145 ulps of the variance with all 256 samples in one group).
 constexpr int64_t kShiftedSamples = 16;
+
+// The statistics' NCHW tiles of short runs hold about this many elements of each channel (N allowing; the other
+// passes' tiles kMinChannelElems): 16 samples of 7x7, one group of kShiftedSamples. shifted_stats' finish per
+// channel (its per-position rows summed across, five horizontal sums) then serves 16 samples instead of 6: the
+// statistics took 0.56-0.75x the time at 7x7 and 10x10 (one thread, AVX-512, fp32; 0.69-0.74x with two threads),
+// 0.8-0.9x at 5x5 and 3x3. (The backward's sums, walked run by run, gained nothing from such tiles: 1.05-1.23x.)
+constexpr int64_t kShiftedChannelElems = 768;
 
 // The local mean and sum of squared deviations of each channel of an NCHW tile of whole runs and nt >=
 // kMinShiftedSamples samples (a channels-last tile: runs of one position, S = 1, its rows the samples), in one pass
@@ -258,7 +265,8 @@ template <typename scalar_t, typename Store>
 void batch_stats(const Geometry& geo, const scalar_t* x, const Store& store) {
   using T = opmath_t<scalar_t>;
   using Vec = MathVec<scalar_t>;
-  const Tiling t = tiling_of(geo);
+  const bool short_runs = !geo.channels_last && geo.S < kMinChannelElems;
+  const Tiling t = tiling_of(geo, short_runs ? kShiftedChannelElems : kMinChannelElems);
   const int64_t C = geo.C;
   const int64_t G = t.groups();
   std::vector<T> partials(3 * G * C);
@@ -269,7 +277,7 @@ void batch_stats(const Geometry& geo, const scalar_t* x, const Store& store) {
     T* tile_mean = local_mean + tile.g * C;
     T* tile_m2 = local_m2 + tile.g * C;
     T* tile_dsum = local_dsum + tile.g * C;
-    if ((geo.channels_last || geo.S < kMinChannelElems) && tile.n1 - tile.n0 >= kMinShiftedSamples) {
+    if ((geo.channels_last || short_runs) && tile.n1 - tile.n0 >= kMinShiftedSamples) {
       // A channels-last tile is an NCHW one of runs of one position (its s0 = 0, s1 = 1), its rows the samples.
       shifted_stats(geo.channels_last ? Geometry{t.rows, C, 1, false} : geo, tile, x, tile_mean, tile_m2);
       return;

@@ -8,7 +8,8 @@
 //   NCHW           samples [n0, n1) x channels [c0, c1) x positions [s0, s1): whole planes when C * S is
 //                  small, runs of whole channels over a few samples when S is small (kMinChannelElems of each
 //                  channel where N allows, or at least about half that: the samples are shared out evenly
-//                  between the rows of tiles), a piece of one run when S is large;
+//                  between the rows of tiles; the statistics' tiles more, bn_act.cpp), a piece of one run when S
+//                  is large;
 //   channels-last  rows [r0, r1) x channels [c0, c1).
 // Tiles depend only on the shape, never on the thread count: a reduction writes one partial per (tile row g,
 // channel) into a (G, C) buffer and merges the G partials in a fixed order, so results are bitwise
@@ -66,7 +67,8 @@ struct Tiling {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-inline Tiling tiling_of(const Geometry& geo) {
+// min_channel_elems: NCHW tiles of runs shorter than it hold about that many elements of each channel (N allowing).
+inline Tiling tiling_of(const Geometry& geo, int64_t min_channel_elems = kMinChannelElems) {
   const int64_t C = std::max<int64_t>(geo.C, 1);
   Tiling t{};
   if (geo.channels_last) {
@@ -76,12 +78,12 @@ inline Tiling tiling_of(const Geometry& geo) {
     t.n_blocks = ceil_div(geo.per_channel(), t.n_per);
     t.s_blocks = 1;
   } else {
-    // Short runs (small S): several samples per tile, so that a reduction sums about kMinChannelElems of each
+    // Short runs (small S): several samples per tile, so that a reduction sums about min_channel_elems of each
     // channel (at least about half, row_begin) in vector lanes before one horizontal sum.
     t.s_per = std::min(std::max<int64_t>(geo.S, 1), kTileElems);
     const int64_t runs = std::max<int64_t>(1, kTileElems / t.s_per);
     const int64_t min_samples =
-        std::clamp<int64_t>(ceil_div(kMinChannelElems, t.s_per), 1, std::max<int64_t>(geo.N, 1));
+        std::clamp<int64_t>(ceil_div(min_channel_elems, t.s_per), 1, std::max<int64_t>(geo.N, 1));
     t.c_per = std::min(C, std::max<int64_t>(1, runs / min_samples));
     t.n_per = t.c_per == C ? std::max<int64_t>(1, runs / C) : min_samples;
     t.n_blocks = ceil_div(geo.N, t.n_per);
