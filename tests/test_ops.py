@@ -118,3 +118,33 @@ def test_low_precision_error_bound(shape, layout, dtype, training):
     for name, got, want, theirs in zip(("y", "dx", "dweight", "dbias", "dslope"), ours, expected, torch_results):
         atol = 1e-3 * max(1.0, want.abs().max().item())
         assert low_precision_error(got, want) <= 2 * low_precision_error(theirs, want) + atol, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_outputs_written_past_the_caches(layout, dtype):
+    """An elementwise pass of more than 32 MiB in all writes its output's aligned whole vectors past the caches
+    (kStreamingBytes): at 4x104x100x103 (runs and channels-last rows not whole vectors, so that streamed and cached
+    stores share lines, with the runs' overlapping last vectors) the eval forward and the backward's elementwise
+    half give, sample by sample, bit for bit what they give on that sample alone (a pass small enough for cached
+    stores), and the eval forward the reference's values."""
+    shape = (4, 104, 100, 103)
+    x = make_input(shape, layout, dtype, scale=3.0, shift=2.0)
+    grad_out = make_input(shape, layout, dtype)
+    weight, bias, slope = (t.to(dtype) for t in make_params(shape[1], "prelu"))
+    stats = reference.stats_dtype(x)
+    mean, invstd = (t.to(stats) for t in reference.batch_stats(x.double() * 0.5 + 0.3, 1e-5))
+    sum_dz, sum_dz_xhat = torch.randn(2, shape[1], dtype=stats)
+    count = x.numel() // shape[1]
+    ops = torch.ops.fusedrect
+    y = ops.bn_act_fwd_eval(x, mean, invstd, weight, bias, slope)
+    dx = ops.bn_act_bwd_elemt(grad_out, x, mean, invstd, weight, bias, slope, sum_dz, sum_dz_xhat, count)
+    for n in range(shape[0]):
+        xs, gs = x[n:n + 1], grad_out[n:n + 1]
+        assert torch.equal(ops.bn_act_fwd_eval(xs, mean, invstd, weight, bias, slope), y[n:n + 1])
+        assert torch.equal(
+            ops.bn_act_bwd_elemt(gs, xs, mean, invstd, weight, bias, slope, sum_dz, sum_dz_xhat, count), dx[n:n + 1])
+    expected = reference.bn_act_eval(x.double(), mean.double(), invstd.double(), weight.double(), bias.double(),
+                                     slope.double())
+    atol, rtol = TOLERANCE[dtype]
+    torch.testing.assert_close(y.double(), expected, atol=atol * expected.abs().max().item(), rtol=rtol)

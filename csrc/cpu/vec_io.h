@@ -6,6 +6,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <cstdint>
 #include <tuple>
 #include <type_traits>
 
@@ -53,6 +54,50 @@ inline void store(scalar_t* p, const MathVec<scalar_t>& v, int64_t n) {
   } else {
     v.store(p, n);
   }
+}
+
+// Whether store_streaming can write scalar_t's whole vectors past the caches on this capability: fp32 and fp64
+// on AVX2 and AVX-512 (16-bit outputs take store()).
+template <typename scalar_t>
+inline constexpr bool kCanStream =
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
+#else
+    false;
+#endif
+
+// Stores a whole vector, past the caches (a non-temporal store: no read of the line for ownership first) where p
+// is aligned to the vector's size, else as store(). The writer must call streaming_fence() before the data is read
+// elsewhere: such stores are not ordered with other stores.
+template <typename scalar_t>
+inline void store_streaming(scalar_t* p, const MathVec<scalar_t>& v) {
+  constexpr size_t kBytes = sizeof(MathVec<scalar_t>);
+  if constexpr (kCanStream<scalar_t>) {
+    if (reinterpret_cast<uintptr_t>(p) % kBytes == 0) {
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        _mm512_stream_ps(p, v);
+      } else {
+        _mm512_stream_pd(p, v);
+      }
+#elif defined(CPU_CAPABILITY_AVX2)
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        _mm256_stream_ps(p, v);
+      } else {
+        _mm256_stream_pd(p, v);
+      }
+#endif
+      return;
+    }
+  }
+  store(p, v, MathVec<scalar_t>::size());
+}
+
+// Orders the store_streaming stores before those that follow.
+inline void streaming_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
 }
 
 // Lane-wise select on the sign of v: v > 0 (kPositive) or v <= 0 (kNotPositive) ? a : b; a NaN lane tests
