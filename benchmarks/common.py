@@ -13,6 +13,8 @@ import fusedrect
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+_ORDERS = random.Random(0)  # median_ms' orders of turns
+
 
 def synchronize(device):
     if device.type == "cuda":
@@ -23,11 +25,12 @@ def median_ms(fns, device, warmup=3, iters=10):
     """Median time in milliseconds of each ``fns[name]()`` over ``iters`` runs after ``warmup`` runs.
 
     The functions are timed in turns, one run each per round, so that a slow spell of a shared machine falls on
-    all of them alike and their ratios stay fair; each round in a new order (shuffled, the same in every run), so
-    that what one function leaves in the caches falls on a different one each time. (With the order rotated
-    instead, each function always ran right after the same one: on a CPU, fusedrect's BatchNorm + ReLU always
-    after torch.compile's, whose training forward takes 35-55 times a copy of the input on a 2-core machine, and
-    its training forward took 1.5-1.6x that of BatchNorm + PReLU at 32x512x7x7 channels-last.) On a CPU a run is
+    all of them alike and their ratios stay fair; each round in a new order (shuffled by one seeded generator for
+    the whole run: the same orders in every run, different ones from case to case), so that what one function
+    leaves in the caches falls on a different one each time. (With the order rotated instead, each function
+    always ran right after the same one: on a CPU, fusedrect's BatchNorm + ReLU always after torch.compile's,
+    whose training forward takes 35-55 times a copy of the input at 32x512x7x7 channels-last on a 2-core
+    machine, and there its training forward took 1.5-1.6x that of BatchNorm + PReLU.) On a CPU a run is
     wall time; on a GPU it is the device's time between two events around the call, with the L2 cache
     flushed before each run (tensors of a few tens of MB would otherwise be read from a cache that holds them
     whole, and the copy baseline with them)."""
@@ -38,9 +41,8 @@ def median_ms(fns, device, warmup=3, iters=10):
     synchronize(device)
     timed = device_timed(device) if device.type == "cuda" else wall_timed(device)
     times = {name: [] for name in names}
-    order = random.Random(0)
     for _ in range(iters):
-        for name in order.sample(names, len(names)):
+        for name in _ORDERS.sample(names, len(names)):
             times[name].append(timed(fns[name]))
     return {name: statistics.median(t) for name, t in times.items()}
 

@@ -13,8 +13,8 @@ from conftest import (ACTIVATIONS, LAYOUTS, check_frozen_backward_of_non_finite_
 @pytest.mark.parametrize(
     "shape",
     # NCHW tiles of long runs, of short runs over many samples (per-position sums combined per channel), and
-    # (7, 64, 7, 7)'s two rows of tiles, of 3 samples (walked run by run) and of 4 (by position)
-    [(8, 4, 32, 32), (4096, 3), (2, 2, 200, 200), (7, 64, 7, 7), (64, 8, 3, 3)],
+    # (9, 64, 10, 16)'s two rows of the statistics' tiles, of 4 samples (walked run by run) and of 5 (by position)
+    [(8, 4, 32, 32), (4096, 3), (2, 2, 200, 200), (9, 64, 10, 16), (7, 64, 7, 7), (64, 8, 3, 3)],
     ids=str,
 )
 def test_variance_with_large_mean(shape, layout):

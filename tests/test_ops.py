@@ -22,8 +22,9 @@ AWKWARD_SHAPES = [
     (3, 1100, 5, 3),  # several channels-last channel blocks, 45 rows
     (9, 5, 1, 3),  # NCHW runs shorter than a vector: each sample's channels one segment, over spread parameters
     (9, 5, 2, 3),  # the same in fp32 (fp64 on AVX2: runs of a vector and a partial one)
-    (4, 115, 5, 3),  # channels-last rows of 7 whole fp32 vectors on AVX-512 (14 on AVX2) and a partial one: the
-                     # whole vectors left after the blocks walked as one block (reductions: 3 or 2, statistics: 7 or 6)
+    (4, 115, 5, 3),  # channels-last rows of whole vectors and a partial one, the whole vectors left after the
+                     # blocks walked as one block: AVX-512 fp32 7 (reductions: 3 left, statistics: 7), AVX-512 fp64
+                     # 14 (2 and 6), AVX2 fp32 14 (2 and 2), AVX2 fp64 28 (none left)
 ]
 TOLERANCE = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-4)}
 
@@ -122,13 +123,18 @@ def test_low_precision_error_bound(shape, layout, dtype, training):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_outputs_written_past_the_caches(layout, dtype):
-    """An elementwise pass of more than 32 MiB in all writes its output's aligned whole vectors past the caches
-    (kStreamingBytes): at 4x104x100x103 (runs and channels-last rows not whole vectors, so that streamed and cached
-    stores share lines, with the runs' overlapping last vectors) the eval forward and the backward's elementwise
-    half give, sample by sample, bit for bit what they give on that sample alone (a pass small enough for cached
-    stores), and the eval forward the reference's values."""
-    shape = (4, 104, 100, 103)
+@pytest.mark.parametrize(
+    "shape, chunks",
+    # runs and wide channels-last rows that are not whole vectors (streamed and cached stores share lines, the runs'
+    # last vectors overlap), short channels-last rows (60 channels) and NCHW runs shorter than a vector
+    [((4, 105, 100, 103), 4), ((8, 60, 100, 200), 8), ((16384, 66, 2, 2), 16)],
+    ids=str,
+)
+def test_outputs_written_past_the_caches(shape, chunks, layout, dtype):
+    """An elementwise pass of more than 32 MiB in all (kStreamingBytes; fp32's eval at 4x105x100x103: 34.6 MB)
+    writes its output's aligned whole vectors past the caches, where the capability can: the eval forward and the
+    backward's elementwise half give, chunk of samples by chunk, bit for bit what they give on that chunk alone
+    (passes of at most 29 MB: cached stores), and the eval forward the reference's values."""
     x = make_input(shape, layout, dtype, scale=3.0, shift=2.0)
     grad_out = make_input(shape, layout, dtype)
     weight, bias, slope = (t.to(dtype) for t in make_params(shape[1], "prelu"))
@@ -139,11 +145,10 @@ def test_outputs_written_past_the_caches(layout, dtype):
     ops = torch.ops.fusedrect
     y = ops.bn_act_fwd_eval(x, mean, invstd, weight, bias, slope)
     dx = ops.bn_act_bwd_elemt(grad_out, x, mean, invstd, weight, bias, slope, sum_dz, sum_dz_xhat, count)
-    for n in range(shape[0]):
-        xs, gs = x[n:n + 1], grad_out[n:n + 1]
-        assert torch.equal(ops.bn_act_fwd_eval(xs, mean, invstd, weight, bias, slope), y[n:n + 1])
-        assert torch.equal(
-            ops.bn_act_bwd_elemt(gs, xs, mean, invstd, weight, bias, slope, sum_dz, sum_dz_xhat, count), dx[n:n + 1])
+    for xs, gs, ys, dxs in zip(*(t.chunk(chunks) for t in (x, grad_out, y, dx))):
+        assert torch.equal(ops.bn_act_fwd_eval(xs, mean, invstd, weight, bias, slope), ys)
+        assert torch.equal(ops.bn_act_bwd_elemt(gs, xs, mean, invstd, weight, bias, slope, sum_dz, sum_dz_xhat, count),
+                           dxs)
     expected = reference.bn_act_eval(x.double(), mean.double(), invstd.double(), weight.double(), bias.double(),
                                      slope.double())
     atol, rtol = TOLERANCE[dtype]

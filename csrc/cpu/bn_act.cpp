@@ -123,12 +123,13 @@ ParamPtrs<T, kPReLU ? 4 : 3> z_params(const ChannelTable<T>& table) {
 }
 
 // Tiles of at least this many samples (rows, channels-last) take shifted_stats where it pays: channels-last tiles
-// (at least 16 rows but where the batch has fewer than 4 per channel; the two-pass walk down a block's rows, the
+// (at least 16 rows but where the batch has fewer than 5 per channel; the two-pass walk down a block's rows, the
 // second one from L2, took 2.1-2.7x its time, one thread, fp32, the four ResNet stages), and NCHW tiles of short
 // runs (S < kMinChannelElems; the statistics' tiles give them kShiftedChannelElems / S samples or more where N
-// allows): with 2 or 3 samples its pass over the per-position rows cost more than the run tails it saves
-// (32x256x14x14, 2 samples: the statistics took 1.5x the time), and long runs have no tails to save.
-constexpr int64_t kMinShiftedSamples = 4;
+// allows): with 4 samples or fewer its pass over the per-position rows cost more than the run tails it saves
+// (32x256x14x14 statistics, one thread: 1.5x the two-pass walk's time with 2 samples, 1.15-1.2x with 4), and long
+// runs have no tails to save.
+constexpr int64_t kMinShiftedSamples = 5;
 
 // shifted_stats' one-pass sums lose up to log2(kShiftedSamples) bits where the shift is an outlier (in 2x1
 // runs, one sample in six scaled by 1000: 145 ulps of the variance with all 256 samples in one group).
@@ -137,8 +138,10 @@ constexpr int64_t kShiftedSamples = 16;
 // The statistics' NCHW tiles of short runs hold about this many elements of each channel (N allowing; the other
 // passes' tiles kMinChannelElems): 16 samples of 7x7, one group of kShiftedSamples. shifted_stats' finish per
 // channel (its per-position rows summed across, five horizontal sums) then serves 16 samples instead of 6: the
-// statistics took 0.56-0.75x the time at 7x7 and 10x10 (one thread, AVX-512, fp32; 0.69-0.74x with two threads),
-// 0.8-0.9x at 5x5 and 3x3. (The backward's sums, walked run by run, gained nothing from such tiles: 1.05-1.23x.)
+// statistics took 0.58-0.76x the time at 7x7, 10x10 and 5x5, 0.85-0.99x at 3x3 and 12x12, and 14x14's tiles (4
+// samples, now the two-pass walk's: kMinShiftedSamples) 0.72-0.95x (one thread, AVX-512, fp32, medians of 6-8
+// alternating pairs of processes). (The backward's sums, walked run by run, gained nothing from such tiles:
+// 1.05-1.23x the time.)
 constexpr int64_t kShiftedChannelElems = 768;
 
 // The local mean and sum of squared deviations of each channel of an NCHW tile of whole runs and nt >=

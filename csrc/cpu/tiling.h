@@ -226,14 +226,13 @@ inline void static_for(const F& f) {
 // multiplies into the sums' adds (FMA) that it kept apart where n was a run-time value.
 template <size_t B, int64_t V, typename F>
 inline void for_vector_blocks(int64_t begin, int64_t end, const F& f) {
+  static_assert(B > 1, "blocks of one vector: the last call would take more than a vector");
   int64_t i = begin;
-  if constexpr (B > 1) {
-    for (; i + int64_t(B) * V <= end; i += B * V) f(i, std::integral_constant<size_t, B>{}, V);
-    const int64_t whole = (end - i) / V;
-    if (whole > 0) {
-      with_vector_count<B - 1>(whole, [&](auto vectors) { f(i, vectors, V); });
-      i += whole * V;
-    }
+  for (; i + int64_t(B) * V <= end; i += B * V) f(i, std::integral_constant<size_t, B>{}, V);
+  const int64_t whole = (end - i) / V;
+  if (whole > 0) {
+    with_vector_count<B - 1>(whole, [&](auto vectors) { f(i, vectors, V); });
+    i += whole * V;
   }
   if (i < end) f(i, std::integral_constant<size_t, 1>{}, end - i);
 }
@@ -269,10 +268,12 @@ inline constexpr int64_t kSpreadSamples = 4;
 
 // An elementwise pass whose inputs and output together are larger than this writes its output's whole, aligned
 // vectors past the caches (store_streaming), where the capability can: the output would leave the caches before
-// it is read anyway, and a cached store first reads each line it writes. 32 MiB is the L3 of one of AMD's core
+// it is read anyway, and a cached store first reads each line it writes. Not where the output is also an input
+// (dx into grad_out): its lines are in the cache already, just read. 32 MiB is the L3 of one of AMD's core
 // complexes. Two threads, AVX-512 (AMD Zen 4, a VM), fp32, 32x64x56x56, the op alone in a loop: the eval forward
 // took 0.78-0.86x the time, the backward's elementwise pass 0.64-0.85x (in the benchmark, training forward and
-// backward 3.5-4.4 copies of the input against 4.4-5.1); smaller passes lost by it (in the same loop, with every
+// backward 3.5-4.4 copies of the input against 4.4-5.1), and at 32x128x28x28 (38.5 MB) 0.86-0.92x; smaller passes
+// lost by it (in the same loop, with every
 // pass streaming: 32x128x28x28's eval forward, 26 MB in all, 0.99-1.19x the time, 32x256x14x14's 4x, its output
 // no longer in L3 for the next call).
 inline constexpr int64_t kStreamingBytes = int64_t(32) << 20;
@@ -295,7 +296,8 @@ void map_tile(const Geometry& geometry, const Tile& walked, const std::array<con
     for (size_t i = 0; i < NI; ++i) X[i] = load(in[i] + off, n);
     return f(P, X);
   };
-  const bool streaming = kCanStream<scalar_t> &&
+  const bool in_place = std::find(in.begin(), in.end(), out) != in.end();
+  const bool streaming = kCanStream<scalar_t> && !in_place &&
                          geo.per_channel() * geo.C * int64_t(sizeof(scalar_t) * (NI + 1)) > kStreamingBytes;
   auto store_at = [&](int64_t off, const Vec& v, int64_t n) FUSEDRECT_PER_VECTOR {
     if (streaming && n == V) {

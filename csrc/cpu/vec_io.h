@@ -71,9 +71,8 @@ inline constexpr bool kCanStream =
 // elsewhere: such stores are not ordered with other stores.
 template <typename scalar_t>
 inline void store_streaming(scalar_t* p, const MathVec<scalar_t>& v) {
-  constexpr size_t kBytes = sizeof(MathVec<scalar_t>);
   if constexpr (kCanStream<scalar_t>) {
-    if (reinterpret_cast<uintptr_t>(p) % kBytes == 0) {
+    if (reinterpret_cast<std::uintptr_t>(p) % sizeof(MathVec<scalar_t>) == 0) {
 #if defined(CPU_CAPABILITY_AVX512)
       if constexpr (std::is_same_v<scalar_t, float>) {
         _mm512_stream_ps(p, v);
