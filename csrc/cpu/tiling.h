@@ -273,9 +273,8 @@ inline constexpr int64_t kSpreadSamples = 4;
 // complexes. Two threads, AVX-512 (AMD Zen 4, a VM), fp32, 32x64x56x56, the op alone in a loop: the eval forward
 // took 0.78-0.86x the time, the backward's elementwise pass 0.64-0.85x (in the benchmark, training forward and
 // backward 3.5-4.4 copies of the input against 4.4-5.1), and at 32x128x28x28 (38.5 MB) 0.86-0.92x; smaller passes
-// lost by it (in the same loop, with every
-// pass streaming: 32x128x28x28's eval forward, 26 MB in all, 0.99-1.19x the time, 32x256x14x14's 4x, its output
-// no longer in L3 for the next call).
+// lost by it (in the same loop, with every pass streaming: 32x128x28x28's eval forward, 26 MB in all, 0.99-1.19x
+// the time, 32x256x14x14's 4x, its output no longer in L3 for the next call).
 inline constexpr int64_t kStreamingBytes = int64_t(32) << 20;
 
 // Elementwise pass over one tile: out = f(params, inputs...) for every element; its whole vectors past the caches
