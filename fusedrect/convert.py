@@ -103,14 +103,23 @@ def revert_model(model):
     return model
 
 
+_BATCHNORM_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
+
+
 def _is_batchnorm(module):
-    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+    """A BatchNorm that computes what nn.BatchNorm does: a subclass with its own forward is left alone."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and type(module).forward in _BATCHNORM_FORWARDS
+
+
+def _is_activation(module):
+    """An nn.ReLU or nn.PReLU computing what those do (not a subclass with its own forward)."""
+    return isinstance(module, (nn.ReLU, nn.PReLU)) and type(module).forward in (nn.ReLU.forward, nn.PReLU.forward)
 
 
 def _fusable_activation(bn, act):
-    if isinstance(act, nn.ReLU):
-        return True
-    return isinstance(act, nn.PReLU) and act.num_parameters in (1, bn.num_features)
+    if not _is_activation(act):
+        return False
+    return isinstance(act, nn.ReLU) or act.num_parameters in (1, bn.num_features)
 
 
 def _fuse(bn, act):
@@ -137,8 +146,8 @@ def _join(prefix, name):
 def _convert_sequentials(module, path, report):
     for name, child in module.named_children():
         _convert_sequentials(child, _join(path, name), report)
-    if not isinstance(module, nn.Sequential):
-        return
+    if not isinstance(module, nn.Sequential) or type(module).forward is not nn.Sequential.forward:
+        return  # a Sequential with its own forward may not call its children in a row: pass 2 traces it
     names = list(module._modules)
     i = 0
     while i + 1 < len(names):
@@ -183,7 +192,7 @@ def _convert_traced(module, path, report):
 
 def _activation_of(node, modules):
     """The nn.ReLU/PReLU module that ``node`` applies, nn.ReLU() for a functional relu, else None."""
-    if node.op == "call_module" and isinstance(modules.get(node.target), (nn.ReLU, nn.PReLU)):
+    if node.op == "call_module" and _is_activation(modules.get(node.target)):
         return modules[node.target]
     if (node.op == "call_function" and node.target in _RELU_FUNCTIONS) or (
             node.op == "call_method" and node.target in ("relu", "relu_")):

@@ -131,8 +131,10 @@ def _update_running_stats(count, running_mean, running_var, mean, invstd, moment
     """running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance M/(M-1) var of the
     batch's ``count`` elements per channel. An empty batch leaves them as they are (as nn.BatchNorm does).
     ``momentum`` may be a 0-dim tensor (the modules' cumulative average), which keeps the update free of host
-    synchronisation under torch.compile. One op of the extension where it is built, else the reference."""
-    if not _backend.compiled():
+    synchronisation under torch.compile. One op of the extension where it is built, else the reference's ATen ops,
+    which torch.compile also traces (fusing them): the op's int count would make it specialise the graph on the
+    batch size, recompiling for each new one."""
+    if not _backend.compiled() or torch.compiler.is_compiling():
         reference.update_running_stats(running_mean, running_var, mean, invstd, eps, count, momentum)
     elif count and (running_mean is not None or running_var is not None):
         tensor = momentum if isinstance(momentum, torch.Tensor) else None
@@ -142,13 +144,13 @@ def _update_running_stats(count, running_mean, running_var, mean, invstd, moment
 
 def _check_invertible(weight, slope, eps):
     """The memory-efficient backward divides by every slope and every weight."""
-    bad = (slope <= 0).nonzero()
+    bad = (~(slope > 0)).nonzero()  # NaN included
     if len(bad):
         which = "the shared slope" if slope.numel() == 1 else f"channel {int(bad[0, 0])}'s slope"
         raise ValueError(f"slope: memory_efficient needs every slope > 0 to invert the PReLU, but {which} is "
                          f"{float(slope[bad[0, 0]]):g}")
     if weight is not None:
-        bad = (weight.abs() <= eps).nonzero()
+        bad = (~(weight.abs() > eps)).nonzero()
         if len(bad):
             raise ValueError(f"weight: memory_efficient needs every |weight| > eps ({eps:g}) to invert the affine, "
                              f"but channel {int(bad[0, 0])}'s weight is {float(weight[bad[0, 0]]):g}")
@@ -171,6 +173,9 @@ def _validate(input, running_mean, running_var, weight, bias, slope, training, m
         if t is not None and not (isinstance(t, torch.Tensor) and t.shape == expected and t.is_floating_point()
                                   and t.device == device):
             _check_per_channel(name, t, channels, device, shared=name == "slope")
+    if (running_mean is None) != (running_var is None):
+        given = "running_mean" if running_var is None else "running_var"
+        raise ValueError(f"running_mean and running_var: expected both or neither, got only {given}")
     if not _is_real(eps) or not eps >= 0:
         raise ValueError(f"eps: expected a non-negative number, got {eps!r}")
     if training and eps == 0:
@@ -178,7 +183,7 @@ def _validate(input, running_mean, running_var, weight, bias, slope, training, m
     if isinstance(momentum, torch.Tensor):
         if momentum.numel() != 1 or not momentum.is_floating_point():
             raise ValueError(f"momentum: expected a number or a one-element float tensor, got {momentum!r}")
-    elif not _is_real(momentum) or not math.isfinite(momentum):
+    elif not _is_real(momentum) or not -math.inf < momentum < math.inf:  # a comparison: a SymFloat's too
         raise ValueError(f"momentum: expected a finite number, got {momentum!r}")
     if training and not synced:
         if _count(input) == 1:

@@ -15,7 +15,7 @@ def kaiming_normal_(weight, slope=0.0, mode="fan_in", generator=None):
         raise ValueError(f"weight: expected a tensor of at least 2 dims (out, in, ...), got {weight!r:.80}")
     if mode not in ("fan_in", "fan_out"):
         raise ValueError(f"mode: expected 'fan_in' or 'fan_out', got {mode!r}")
-    receptive_field = weight[0][0].numel()
+    receptive_field = math.prod(weight.shape[2:])
     fan = weight.shape[1 if mode == "fan_in" else 0] * receptive_field
     if fan == 0:
         raise ValueError(f"weight: cannot initialise a tensor with a zero fan ({tuple(weight.shape)})")

@@ -14,6 +14,14 @@ from fusedrect import functional
 
 
 _BN_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+_BN_PARAMETERS = ("weight", "bias")
+
+
+def _copy_parameter(dst, src):
+    """``src``'s values into ``dst``, and whether it trains: a frozen parameter stays frozen."""
+    with torch.no_grad():
+        dst.copy_(src)
+    dst.requires_grad_(src.requires_grad)
 
 
 class _FusedBNAct(nn.Module):
@@ -75,13 +83,12 @@ class _FusedBNAct(nn.Module):
         # tensor: reading the count back to Python would synchronise, and break torch.compile graphs).
         factor = 0.0 if self.momentum is None else self.momentum
         tracked = self._tensor("num_batches_tracked")
-        if self.training and self.track_running_stats and tracked is not None:
-            tracked.add_(1)
-            if self.momentum is None:
-                factor = tracked.reciprocal()  # as 1.0 / tracked, without its multiply by 1.0 (~2 us)
+        counting = self.training and self.track_running_stats and tracked is not None
+        if counting and self.momentum is None:
+            factor = tracked.add(1).reciprocal()  # 1 / the count with this batch
         use_batch_stats = self.training or (running_mean is None and running_var is None)
         keep_running = not self.training or self.track_running_stats
-        return fn(
+        output = fn(
             input,
             running_mean if keep_running else None,
             running_var if keep_running else None,
@@ -94,6 +101,13 @@ class _FusedBNAct(nn.Module):
             backend=self.backend,
             **options,
         )
+        # Counted after the batch updated the running statistics, so that the two stay in step where the
+        # update did not happen: a non-reentrant torch.utils.checkpoint stops its recomputation of the forward at
+        # the op that saves the last tensor backward needs, before the update (nn.BatchNorm counts and updates
+        # again in the recomputation).
+        if counting:
+            tracked.add_(1)
+        return output
 
     def _tensor(self, name):
         """``self.<name>`` for a parameter or buffer, read from its dict where it is there: nn.Module.__getattr__
@@ -124,6 +138,7 @@ class _FusedBNAct(nn.Module):
         bn = batchnorm_cls(self.num_features, self.eps, self.momentum, self.affine, self.track_running_stats,
                            **self._factory())
         bn.load_state_dict({k: v for k, v in self.state_dict().items() if k in _BN_STATE})
+        _copy_trainable(bn, self)
         return bn.train(self.training)
 
     def _factory(self):
@@ -151,6 +166,7 @@ class _FusedBNAct(nn.Module):
         state = self.state_dict()
         state.update(bn.state_dict())
         self.load_state_dict(state)
+        _copy_trainable(self, bn)
         self.train(bn.training)
         self.batchnorm_cls = type(bn)
         return self
@@ -197,8 +213,7 @@ class FusedBNPReLU(_FusedBNAct):
             raise ValueError(f"act: expected num_parameters 1 or {bn.num_features}, got {act.num_parameters}")
         fused = cls(**kwargs, num_parameters=act.num_parameters, init=act.init)
         fused._load_bn(bn)
-        with torch.no_grad():
-            fused.slope.copy_(act.weight)
+        _copy_parameter(fused.slope, act.weight)
         return fused
 
     def to_modules(self, batchnorm_cls=None):
@@ -208,9 +223,8 @@ class FusedBNPReLU(_FusedBNAct):
         """
         bn = self._to_batchnorm(batchnorm_cls or self.batchnorm_cls)
         act = nn.PReLU(self.num_parameters, self.init, **self._factory())
-        with torch.no_grad():
-            act.weight.copy_(self.slope)
-        return nn.Sequential(bn, act.train(self.training))
+        _copy_parameter(act.weight, self.slope)
+        return nn.Sequential(bn, act).train(self.training)
 
 
 class FusedBNReLU(_FusedBNAct):
@@ -241,7 +255,7 @@ class FusedBNReLU(_FusedBNAct):
 
     def to_modules(self, batchnorm_cls=None):
         """``nn.Sequential(BatchNorm, nn.ReLU)`` computing the same function (for export and deployment)."""
-        return nn.Sequential(self._to_batchnorm(batchnorm_cls or self.batchnorm_cls), nn.ReLU())
+        return nn.Sequential(self._to_batchnorm(batchnorm_cls or self.batchnorm_cls), nn.ReLU()).train(self.training)
 
 
 class FusedPreActConv2d(_FusedBNAct):
@@ -318,6 +332,8 @@ class FusedPreActConv2d(_FusedBNAct):
     def from_modules(cls, bn, act, conv):
         """The fused equivalent of ``bn`` (nn.BatchNorm2d), then ``act`` (nn.ReLU or nn.PReLU), then ``conv``
         (nn.Conv2d with zero padding), parameters and buffers copied."""
+        if not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+            raise TypeError(f"bn: expected an nn.BatchNorm2d module (before a Conv2d), got {type(bn).__name__}")
         if not isinstance(act, (nn.ReLU, nn.PReLU)):
             raise TypeError(f"act: expected an nn.ReLU or nn.PReLU module, got {type(act).__name__}")
         if not isinstance(conv, nn.Conv2d) or type(conv).forward is not nn.Conv2d.forward:
@@ -339,12 +355,11 @@ class FusedPreActConv2d(_FusedBNAct):
             track_running_stats=kwargs["track_running_stats"],
         )
         fused._load_bn(bn)
-        with torch.no_grad():
-            fused.conv_weight.copy_(conv.weight)
-            if conv.bias is not None:
-                fused.conv_bias.copy_(conv.bias)
-            if prelu:
-                fused.slope.copy_(act.weight)
+        _copy_parameter(fused.conv_weight, conv.weight)
+        if conv.bias is not None:
+            _copy_parameter(fused.conv_bias, conv.bias)
+        if prelu:
+            _copy_parameter(fused.slope, act.weight)
         return fused
 
     def to_modules(self, batchnorm_cls=None):
@@ -355,15 +370,21 @@ class FusedPreActConv2d(_FusedBNAct):
             act = nn.ReLU()
         else:
             act = nn.PReLU(self.num_parameters, self.init, **factory)
-            with torch.no_grad():
-                act.weight.copy_(self.slope)
+            _copy_parameter(act.weight, self.slope)
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                          self.dilation, self.groups, self.conv_bias is not None, **factory)
-        with torch.no_grad():
-            conv.weight.copy_(self.conv_weight)
-            if self.conv_bias is not None:
-                conv.bias.copy_(self.conv_bias)
+        _copy_parameter(conv.weight, self.conv_weight)
+        if self.conv_bias is not None:
+            _copy_parameter(conv.bias, self.conv_bias)
         return nn.Sequential(bn, act, conv).train(self.training)
+
+
+def _copy_trainable(dst, src):
+    """Whether each BatchNorm parameter of ``src`` trains, onto ``dst``'s (values come with the state_dict)."""
+    for name in _BN_PARAMETERS:
+        parameter = getattr(src, name, None)
+        if parameter is not None:
+            getattr(dst, name).requires_grad_(parameter.requires_grad)
 
 
 def _pair(value):

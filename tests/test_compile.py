@@ -62,3 +62,33 @@ def test_inductor_runs_the_fused_ops():
     for got, want in zip(steps(compiled, [x, x], True), steps(eager, [x, x], True)):
         torch.testing.assert_close(got[0], want[0])
         torch.testing.assert_close(got[1], want[1])
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_training_batch_sizes_share_a_graph(activation):
+    """New batch sizes in training make the graph dynamic (as for nn.BatchNorm2d + activation), not one graph each:
+    the running statistics' update once took the batch's element count as an op argument, a specialised int."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    eager = fused_module(6, activation, momentum=None)
+    compiled_module = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_module, fullgraph=True, backend="aot_eager")
+    for n in range(2, 7):
+        x = make_input((n, 6, 3, 3), shift=float(n))
+        torch.testing.assert_close(compiled(x), eager(x))
+    assert counters["stats"]["unique_graphs"] <= 2
+    torch.testing.assert_close(compiled_module.running_mean, eager.running_mean)
+    torch.testing.assert_close(compiled_module.running_var, eager.running_var)
+    assert int(compiled_module.num_batches_tracked) == int(eager.num_batches_tracked) == 5
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_dynamic_fullgraph(train):
+    """dynamic=True makes the modules' float attributes (momentum, eps) symbolic: their checks still trace."""
+    torch._dynamo.reset()
+    eager = fused_module(6, "prelu").train(train)
+    compiled = torch.compile(copy.deepcopy(eager), fullgraph=True, dynamic=True, backend="aot_eager")
+    for n in (3, 5):
+        x = make_input((n, 6, 4, 4), shift=1.0)
+        torch.testing.assert_close(compiled(x), eager(x))

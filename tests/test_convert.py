@@ -258,6 +258,41 @@ def test_chain_not_formed_where_the_activation_is_shared_or_the_conv_cannot_take
     assert count(fusedrect.convert_model(reflect), FusedPreActConv2d) == 0
 
 
+def test_frozen_parameters_stay_frozen_both_ways():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4), nn.PReLU(4),
+                          nn.Conv2d(4, 2, 1))
+    model.requires_grad_(False)
+    model[1].bias.requires_grad_(True)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    fused = fusedrect.convert_model(model)
+    assert [name for name, p in fused.named_parameters() if p.requires_grad] == ["1.bias"]
+    assert {name for name, p in fusedrect.revert_model(fused).named_parameters() if p.requires_grad} == trainable
+
+
+class _ScaledSequential(nn.Sequential):
+    def forward(self, x):
+        return super().forward(x) * 2 + 1
+
+
+class _ShiftedBatchNorm(nn.BatchNorm2d):
+    def forward(self, x):
+        return super().forward(x) + 1
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Sequential(_ScaledSequential(nn.BatchNorm2d(4), nn.ReLU())),
+    lambda: nn.Sequential(_ShiftedBatchNorm(4), nn.ReLU()),
+    lambda: nn.Sequential(nn.BatchNorm2d(4), type("_LeakyReLU", (nn.ReLU,), {"forward": lambda self, x: x * 0.5})()),
+], ids=["sequential", "batchnorm", "activation"])
+def test_modules_with_their_own_forward_keep_it(make):
+    """A subclass with its own forward computes something else than the pair it looks like: what it computes is
+    kept (the Sequential's children may still be fused where its forward calls them in a row)."""
+    model = make()
+    x = torch.randn(2, 4, 3, 3)
+    expected = model(x)
+    torch.testing.assert_close(fusedrect.convert_model(model)(x), expected)
+
+
 def test_bn_output_used_elsewhere_is_not_fused():
     converted = fusedrect.convert_model(SharedOutput())
     assert count(converted, FusedBNReLU) == 0

@@ -25,6 +25,8 @@ def call(x=None, running_mean=None, running_var=None, weight=None, bias=None, sl
         ({"bias": torch.ones(3, 1)}, ValueError, r"bias: expected shape \(3,\) .* got \(3, 1\)"),
         ({"running_mean": torch.zeros(2)}, ValueError, r"running_mean: expected shape \(3,\)"),
         ({"running_var": torch.ones(3, dtype=torch.long)}, TypeError, "running_var: expected a floating-point"),
+        ({"running_var": torch.ones(3)}, ValueError, "running_mean and running_var: expected both or neither, got "
+                                                     "only running_var"),
         ({"weight": torch.ones(3, device="meta")}, ValueError, "weight: expected a tensor on cpu"),
         ({"slope": torch.ones(2)}, ValueError, r"slope: expected shape \(1,\) or \(3,\) .* got \(2,\)"),
         ({"slope": torch.ones(1, 3)}, ValueError, r"slope: expected shape \(1,\) or \(3,\)"),

@@ -30,3 +30,5 @@ def test_rejects_bad_arguments():
         init.kaiming_normal_(torch.empty(5))
     with pytest.raises(ValueError, match="mode: expected 'fan_in' or 'fan_out'"):
         init.kaiming_normal_(torch.empty(5, 5), mode="avg")
+    with pytest.raises(ValueError, match="cannot initialise a tensor with a zero fan"):
+        init.kaiming_normal_(torch.empty(4, 0))

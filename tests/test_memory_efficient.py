@@ -72,6 +72,12 @@ def test_preconditions_name_the_offending_channel():
     x = torch.randn(4, 3, 2, 2)
     with pytest.raises(ValueError, match="slope: memory_efficient needs every slope > 0 .* channel 1's slope is -0.1"):
         fusedrect.bn_prelu(x, None, None, None, None, torch.tensor([0.2, -0.1, 0.3]), True, memory_efficient=True)
+    with pytest.raises(ValueError, match="channel 0's slope is nan"):
+        fusedrect.bn_prelu(x, None, None, None, None, torch.tensor([float("nan"), 0.2, 0.3]), True,
+                           memory_efficient=True)
+    with pytest.raises(ValueError, match=r"weight: memory_efficient needs every \|weight\| > eps .* channel 1"):
+        fusedrect.bn_prelu(x, None, None, torch.tensor([1.0, float("nan"), 1.0]), None, torch.tensor([0.25]), True,
+                           memory_efficient=True)
     with pytest.raises(ValueError, match="the shared slope is 0"):
         fusedrect.bn_prelu(x, None, None, None, None, torch.tensor([0.0]), True, memory_efficient=True)
     with pytest.raises(ValueError, match=r"weight: memory_efficient needs every \|weight\| > eps .* channel 2"):

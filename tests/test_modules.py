@@ -166,6 +166,28 @@ def test_from_modules_to_modules_round_trip(rank, activation):
     torch.testing.assert_close(fused.to_modules().eval()(x), act(bn(x)))
 
 
+def test_from_modules_and_to_modules_keep_frozen_parameters_frozen():
+    """Fine-tuning with a frozen backbone: which parameters train survives the conversion both ways, and the
+    returned Sequential is in the module's mode."""
+    bn, act, conv = nn.BatchNorm2d(4), nn.PReLU(4), nn.Conv2d(4, 3, 3, bias=True)
+    bn.weight.requires_grad_(False)
+    act.weight.requires_grad_(False)
+    conv.bias.requires_grad_(False)
+    frozen = ("weight", "slope", "conv_bias")
+    for fused in (fusedrect.FusedBNPReLU.from_modules(bn, act), fusedrect.FusedPreActConv2d.from_modules(bn, act, conv)):
+        assert {name for name, p in fused.named_parameters() if not p.requires_grad} == {
+            name for name in frozen if hasattr(fused, name) and getattr(fused, name) is not None}
+        plain = fused.eval().to_modules()
+        assert not plain.training
+        assert [p.requires_grad for p in plain.parameters()] == [p.requires_grad for p in fused.parameters()]
+    assert not fusedrect.FusedBNReLU(4).eval().to_modules().training
+
+
+def test_preact_from_modules_takes_a_batchnorm2d_only():
+    with pytest.raises(TypeError, match="bn: expected an nn.BatchNorm2d module"):
+        fusedrect.FusedPreActConv2d.from_modules(nn.BatchNorm1d(4), nn.ReLU(), nn.Conv2d(4, 3, 3))
+
+
 def test_to_modules_defaults_to_the_source_batchnorm_class():
     fused = fusedrect.FusedBNReLU.from_modules(nn.BatchNorm3d(4), nn.ReLU())
     assert isinstance(fused.to_modules()[0], nn.BatchNorm3d)
@@ -337,6 +359,34 @@ def test_backward_unpacks_each_saved_tensor_once(state):
     x.grad = None
     checkpoint(module, x, use_reentrant=False).backward(grad)
     assert torch.equal(x.grad, expected)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_checkpoint_keeps_the_count_and_the_statistics_in_step(momentum):
+    """A non-reentrant checkpoint stops recomputing the forward at the op that saves backward's last tensor,
+    before the running statistics' update: the batch count skips it too (each batch counted once, its statistics
+    blended once, as without checkpointing)."""
+    plain, checkpointed = fusedrect.FusedBNReLU(2, momentum=momentum), fusedrect.FusedBNReLU(2, momentum=momentum)
+    for i in range(4):
+        x = torch.randn(8, 2, 4, 4) + i
+        plain(x).sum().backward()
+        checkpoint(checkpointed, x.requires_grad_(), use_reentrant=False).sum().backward()
+    assert int(checkpointed.num_batches_tracked) == int(plain.num_batches_tracked) == 4
+    torch.testing.assert_close(checkpointed.running_mean, plain.running_mean)
+    torch.testing.assert_close(checkpointed.running_var, plain.running_var)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_overflowing_squares_give_an_infinite_variance(layout):
+    """|x| ~ 1e25 in fp32: its squares overflow. As nn.BatchNorm2d: the variance (and running variance) infinite,
+    invstd 0, the output the bias (relu'd), not NaN."""
+    x = make_input((2, 3, 40, 40), layout, scale=1e25)
+    module = fusedrect.FusedBNReLU(3)
+    with torch.no_grad():
+        module.bias.copy_(torch.tensor([0.5, -0.5, 2.0]))
+    y = module(x)
+    torch.testing.assert_close(y, torch.tensor([0.5, 0.0, 2.0]).view(1, 3, 1, 1).expand_as(y))
+    assert torch.isinf(module.running_var).all()
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

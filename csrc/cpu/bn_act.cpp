@@ -294,8 +294,10 @@ void batch_stats(const Geometry& geo, const scalar_t* x, const Store& store) {
                                      const Vec d = X[0] - P[0];
                                      return std::array<Vec, 2>{d * d, d};
                                    });
-    // Corrected two-pass: m2 = sum d^2 - (sum d)^2 / n removes the error of the rounded tile mean.
-    for (int64_t c = tile.c0; c < tile.c1; ++c) tile_m2[c] -= tile_dsum[c] * tile_dsum[c] * inv_count;
+    // Corrected two-pass: m2 = sum d^2 - (sum d)^2 / n removes the error of the rounded tile mean, the
+    // correction as (sum d / n) * sum d, which is at most sum d^2: where d^2 overflows (|x| > 1e19 in fp32),
+    // m2 stays infinite (the variance, as PyTorch's), not inf - inf = NaN.
+    for (int64_t c = tile.c0; c < tile.c1; ++c) tile_m2[c] -= tile_dsum[c] * inv_count * tile_dsum[c];
   });
   // Chan's merge: with n elements merged so far and nb in tile row g (the same for every channel),
   //   delta = mean_g - mean,  mean += delta * nb / (n + nb),  m2 += m2_g + delta^2 * n * nb / (n + nb).
