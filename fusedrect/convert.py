@@ -25,6 +25,7 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from fusedrect.modules import FusedBNPReLU, FusedBNReLU, FusedPreActConv2d, _FusedBNAct
 from fusedrect.sync_batchnorm import FusedSyncBNPReLU, FusedSyncBNReLU
@@ -107,8 +108,10 @@ _BATCHNORM_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm
 
 
 def _is_batchnorm(module):
-    """A BatchNorm that computes what nn.BatchNorm does: a subclass with its own forward is left alone."""
-    return isinstance(module, nn.modules.batchnorm._BatchNorm) and type(module).forward in _BATCHNORM_FORWARDS
+    """A BatchNorm that computes what nn.BatchNorm does (a subclass with its own forward is left alone), its
+    parameters and buffers made (a lazy one before its first forward has none to copy)."""
+    return (isinstance(module, nn.modules.batchnorm._BatchNorm) and type(module).forward in _BATCHNORM_FORWARDS
+            and not (isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()))
 
 
 def _is_activation(module):

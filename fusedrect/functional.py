@@ -136,7 +136,7 @@ def _update_running_stats(count, running_mean, running_var, mean, invstd, moment
     batch size, recompiling for each new one."""
     if not _backend.compiled() or torch.compiler.is_compiling():
         reference.update_running_stats(running_mean, running_var, mean, invstd, eps, count, momentum)
-    elif count and (running_mean is not None or running_var is not None):
+    elif count and running_mean is not None:  # both or neither (_validate)
         tensor = momentum if isinstance(momentum, torch.Tensor) else None
         torch.ops.fusedrect.bn_update_running_stats.default(running_mean, running_var, mean, invstd, eps, count,
                                                             0.0 if tensor is not None else float(momentum), tensor)

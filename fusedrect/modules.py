@@ -17,13 +17,6 @@ _BN_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_track
 _BN_PARAMETERS = ("weight", "bias")
 
 
-def _copy_parameter(dst, src):
-    """``src``'s values into ``dst``, and whether it trains: a frozen parameter stays frozen."""
-    with torch.no_grad():
-        dst.copy_(src)
-    dst.requires_grad_(src.requires_grad)
-
-
 class _FusedBNAct(nn.Module):
     """BatchNorm state and forward logic shared by the fused modules (mirrors ``nn.modules.batchnorm._NormBase``)."""
 
@@ -85,7 +78,7 @@ class _FusedBNAct(nn.Module):
         tracked = self._tensor("num_batches_tracked")
         counting = self.training and self.track_running_stats and tracked is not None
         if counting and self.momentum is None:
-            factor = tracked.add(1).reciprocal()  # 1 / the count with this batch
+            factor = tracked.add(1).double().reciprocal()  # 1 / the count with this batch, in fp64 as nn.BatchNorm
         use_batch_stats = self.training or (running_mean is None and running_var is None)
         keep_running = not self.training or self.track_running_stats
         output = fn(
@@ -332,7 +325,7 @@ class FusedPreActConv2d(_FusedBNAct):
     def from_modules(cls, bn, act, conv):
         """The fused equivalent of ``bn`` (nn.BatchNorm2d), then ``act`` (nn.ReLU or nn.PReLU), then ``conv``
         (nn.Conv2d with zero padding), parameters and buffers copied."""
-        if not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+        if not isinstance(bn, nn.BatchNorm2d):  # not an nn.SyncBatchNorm either: this module has no synchronized kind
             raise TypeError(f"bn: expected an nn.BatchNorm2d module (before a Conv2d), got {type(bn).__name__}")
         if not isinstance(act, (nn.ReLU, nn.PReLU)):
             raise TypeError(f"act: expected an nn.ReLU or nn.PReLU module, got {type(act).__name__}")
@@ -377,6 +370,13 @@ class FusedPreActConv2d(_FusedBNAct):
         if self.conv_bias is not None:
             _copy_parameter(conv.bias, self.conv_bias)
         return nn.Sequential(bn, act, conv).train(self.training)
+
+
+def _copy_parameter(dst, src):
+    """``src``'s values into ``dst``, and whether it trains: a frozen parameter stays frozen."""
+    with torch.no_grad():
+        dst.copy_(src)
+    dst.requires_grad_(src.requires_grad)
 
 
 def _copy_trainable(dst, src):

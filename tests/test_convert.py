@@ -269,9 +269,11 @@ def test_frozen_parameters_stay_frozen_both_ways():
     assert {name for name, p in fusedrect.revert_model(fused).named_parameters() if p.requires_grad} == trainable
 
 
-class _ScaledSequential(nn.Sequential):
+class _NegatingSequential(nn.Sequential):
+    """Negates the BatchNorm's output before its activation: not its children in a row."""
+
     def forward(self, x):
-        return super().forward(x) * 2 + 1
+        return self[1](-self[0](x))
 
 
 class _ShiftedBatchNorm(nn.BatchNorm2d):
@@ -280,7 +282,7 @@ class _ShiftedBatchNorm(nn.BatchNorm2d):
 
 
 @pytest.mark.parametrize("make", [
-    lambda: nn.Sequential(_ScaledSequential(nn.BatchNorm2d(4), nn.ReLU())),
+    lambda: nn.Sequential(_NegatingSequential(nn.BatchNorm2d(4), nn.ReLU())),
     lambda: nn.Sequential(_ShiftedBatchNorm(4), nn.ReLU()),
     lambda: nn.Sequential(nn.BatchNorm2d(4), type("_LeakyReLU", (nn.ReLU,), {"forward": lambda self, x: x * 0.5})()),
 ], ids=["sequential", "batchnorm", "activation"])
@@ -290,6 +292,14 @@ def test_modules_with_their_own_forward_keep_it(make):
     model = make()
     x = torch.randn(2, 4, 3, 3)
     expected = model(x)
+    torch.testing.assert_close(fusedrect.convert_model(model)(x), expected)
+
+
+def test_lazy_batchnorm_is_fused_once_it_has_its_parameters():
+    model = nn.Sequential(nn.LazyBatchNorm2d(), nn.ReLU())
+    assert fusedrect.convert_model(model, inplace=True) is model and isinstance(model[0], nn.LazyBatchNorm2d)
+    x = torch.randn(2, 3, 4, 4)
+    expected = model(x)  # makes its parameters
     torch.testing.assert_close(fusedrect.convert_model(model)(x), expected)
 
 

@@ -184,8 +184,9 @@ def test_from_modules_and_to_modules_keep_frozen_parameters_frozen():
 
 
 def test_preact_from_modules_takes_a_batchnorm2d_only():
-    with pytest.raises(TypeError, match="bn: expected an nn.BatchNorm2d module"):
-        fusedrect.FusedPreActConv2d.from_modules(nn.BatchNorm1d(4), nn.ReLU(), nn.Conv2d(4, 3, 3))
+    for bn in (nn.BatchNorm1d(4), nn.BatchNorm3d(4), nn.SyncBatchNorm(4)):  # no synchronized FusedPreActConv2d
+        with pytest.raises(TypeError, match="bn: expected an nn.BatchNorm2d module"):
+            fusedrect.FusedPreActConv2d.from_modules(bn, nn.ReLU(), nn.Conv2d(4, 3, 3))
 
 
 def test_to_modules_defaults_to_the_source_batchnorm_class():

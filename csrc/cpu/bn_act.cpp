@@ -294,10 +294,14 @@ void batch_stats(const Geometry& geo, const scalar_t* x, const Store& store) {
                                      const Vec d = X[0] - P[0];
                                      return std::array<Vec, 2>{d * d, d};
                                    });
-    // Corrected two-pass: m2 = sum d^2 - (sum d)^2 / n removes the error of the rounded tile mean, the
-    // correction as (sum d / n) * sum d, which is at most sum d^2: where d^2 overflows (|x| > 1e19 in fp32),
-    // m2 stays infinite (the variance, as PyTorch's), not inf - inf = NaN.
-    for (int64_t c = tile.c0; c < tile.c1; ++c) tile_m2[c] -= tile_dsum[c] * inv_count * tile_dsum[c];
+    // Corrected two-pass: m2 = sum d^2 - (sum d)^2 / n removes the error of the rounded tile mean. The
+    // correction is at most sum d^2: where it overflows, so did sum d^2 (|x| > 1e19 in fp32), and m2 stays
+    // infinite (the variance, as PyTorch's), not inf - inf = NaN. (Where the tile's sum of x itself overflows,
+    // |x| > ~1e34, its mean and every d are not finite: NaN, where PyTorch's fp64 sums give inf.)
+    for (int64_t c = tile.c0; c < tile.c1; ++c) {
+      const T correction = tile_dsum[c] * inv_count * tile_dsum[c];
+      if (std::isfinite(correction)) tile_m2[c] -= correction;
+    }
   });
   // Chan's merge: with n elements merged so far and nb in tile row g (the same for every channel),
   //   delta = mean_g - mean,  mean += delta * nb / (n + nb),  m2 += m2_g + delta^2 * n * nb / (n + nb).
