@@ -275,7 +275,8 @@ class FusedPreActConv2d(_FusedBNAct):
                              f"out_channels={out_channels}, got {groups!r}")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = _pair(kernel_size)
-        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
+        self.stride, self.dilation = _pair(stride), _pair(dilation)
+        self.padding = _explicit_padding(padding, self.kernel_size, self.stride, self.dilation)
         self.groups = groups
         self.activation = activation
         factory = {"device": device, "dtype": dtype}
@@ -341,7 +342,7 @@ class FusedPreActConv2d(_FusedBNAct):
         if prelu and act.num_parameters not in (1, bn.num_features):
             raise ValueError(f"act: expected num_parameters 1 or {bn.num_features}, got {act.num_parameters}")
         fused = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, _explicit_padding(conv),
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
             conv.dilation, conv.groups, conv.bias is not None, "prelu" if prelu else "relu", kwargs["eps"],
             kwargs["momentum"], act.num_parameters if prelu else None, act.init if prelu else 0.25,
             device=kwargs.get("device"), dtype=kwargs.get("dtype"), affine=kwargs["affine"],
@@ -391,14 +392,19 @@ def _pair(value):
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
-def _explicit_padding(conv):
-    """conv.padding as a pair of ints ('valid' and 'same' resolved; 'same' only where it pads symmetrically)."""
-    if not isinstance(conv.padding, str):
-        return conv.padding
-    if conv.padding == "valid":
+def _explicit_padding(padding, kernel_size, stride, dilation):
+    """``padding`` as a pair: as nn.Conv2d takes it, an int, a pair, ``"valid"`` or ``"same"`` (stride 1, and only
+    where it pads symmetrically: FusedPreActConv2d pads both sides alike)."""
+    if not isinstance(padding, str):
+        return _pair(padding)
+    if padding == "valid":
         return (0, 0)
-    total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+    if padding != "same":
+        raise ValueError(f"padding: expected an int, a pair, 'valid' or 'same', got {padding!r}")
+    if any(s != 1 for s in stride):
+        raise ValueError(f"padding: 'same' needs stride 1 (as nn.Conv2d), got stride={stride}")
+    total = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
     if any(t % 2 for t in total):
-        raise ValueError(f"conv: padding='same' with kernel_size={conv.kernel_size} and dilation={conv.dilation} "
-                         "pads asymmetrically, which FusedPreActConv2d does not support")
+        raise ValueError(f"padding: 'same' with kernel_size={kernel_size} and dilation={dilation} pads "
+                         "asymmetrically, which FusedPreActConv2d does not support")
     return tuple(t // 2 for t in total)

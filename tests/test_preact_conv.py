@@ -229,6 +229,27 @@ def test_from_modules_relu_and_bad_modules():
         FusedPreActConv2d.from_modules(nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 2, padding="same"))
 
 
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_padding_strings_as_conv2d(padding):
+    """The constructor takes nn.Conv2d's padding strings, resolved to the pair they pad."""
+    fused = FusedPreActConv2d(4, 6, (3, 5), padding=padding, dilation=(2, 1), bias=True).eval()
+    plain = fused.to_modules()
+    x = torch.randn(2, 4, 9, 9)
+    torch.testing.assert_close(fused(x), plain(x))
+    conv = nn.Conv2d(4, 6, (3, 5), padding=padding, dilation=(2, 1))
+    assert fused(x).shape == conv(x).shape
+    assert fused.padding == ((2, 2) if padding == "same" else (0, 0))
+
+
+def test_padding_string_errors():
+    with pytest.raises(ValueError, match="padding: 'same' needs stride 1"):
+        FusedPreActConv2d(4, 4, 3, stride=2, padding="same")
+    with pytest.raises(ValueError, match="pads asymmetrically"):
+        FusedPreActConv2d(4, 4, 2, padding="same")
+    with pytest.raises(ValueError, match="padding: expected an int, a pair, 'valid' or 'same', got 'full'"):
+        FusedPreActConv2d(4, 4, 3, padding="full")
+
+
 def test_constructor_errors():
     with pytest.raises(ValueError, match="activation"):
         FusedPreActConv2d(4, 4, 3, activation="tanh")
