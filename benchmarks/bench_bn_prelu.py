@@ -46,7 +46,14 @@ def parse_args(argv=None):
     p.add_argument("--json", help="write one record per measurement to this path")
     p.add_argument("--plot", help="write a PNG bar chart of the speedups to this path")
     args = p.parse_args(argv)
-    args.shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
+    try:
+        args.shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
+    except ValueError:
+        p.error(f"--shapes: expected comma-separated NxC[xL[xH[xW]]] of ints, got {args.shapes!r}")
+    for shape in args.shapes:
+        if not 2 <= len(shape) <= 5 or min(shape) < 1:
+            p.error(f"--shapes: {'x'.join(map(str, shape))}: expected 2 to 5 positive sizes (a BatchNorm1d, 2d or 3d "
+                    "input)")
     for name, allowed in (("layouts", LAYOUTS), ("modes", MODES), ("activations", ACTIVATIONS),
                           ("providers", ("eager", "compile", "fusedrect"))):
         values = getattr(args, name).split(",")
@@ -62,9 +69,13 @@ def parse_args(argv=None):
     return args
 
 
-def eager_module(channels, activation, device, dtype):
+_BATCHNORMS = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}  # by input rank
+
+
+def eager_module(shape, activation, device, dtype):
+    channels = shape[1]
     act = nn.PReLU(channels) if activation == "prelu" else nn.ReLU()
-    return nn.Sequential(nn.BatchNorm2d(channels), act).to(device=device, dtype=dtype)
+    return nn.Sequential(_BATCHNORMS[len(shape)](channels), act).to(device=device, dtype=dtype)
 
 
 def fused_module(eager, activation, backend):
@@ -119,9 +130,12 @@ def step(module, mode, x, grad):
 
 
 def make_input(shape, layout, device, dtype):
-    x = torch.randn(shape, device=device, dtype=dtype)
+    """channels_last: the channels innermost in memory, at any rank (torch's channels_last for 4-D, its
+    channels_last_3d for 5-D; an (N, C) input is both layouts at once)."""
     if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = torch.randn((shape[0], *shape[2:], shape[1]), device=device, dtype=dtype).movedim(-1, 1)
+    else:
+        x = torch.randn(shape, device=device, dtype=dtype)
     return x.requires_grad_()
 
 
@@ -146,7 +160,7 @@ def measure(args):
         grad = torch.randn_like(x)
         torch._dynamo.reset()  # compiled graphs of this configuration only, never a recompile limit
         providers = [(activation, *p) for activation in args.activations
-                     for p in providers_for(args, eager_module(shape[1], activation, args.device, dtype), activation)]
+                     for p in providers_for(args, eager_module(shape, activation, args.device, dtype), activation)]
         for mode in args.modes:
             progress.step(f"{mode} {'x'.join(map(str, shape))} {layout}")
             steps = {(a, p, b): step(module, mode, x, grad) for a, p, b, module in providers}

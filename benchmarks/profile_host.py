@@ -106,7 +106,7 @@ def main(argv=None):
     dtype = DTYPES[args.dtype]
     x = make_input(args.shape, args.layout, args.device, dtype)
     grad = torch.randn_like(x)
-    eager = eager_module(args.shape[1], args.activation, args.device, dtype)
+    eager = eager_module(args.shape, args.activation, args.device, dtype)
     providers = [("eager", eager)] + [(f"fusedrect:{b}", fused_module(eager, args.activation, b))
                                       for b in _backend.available(args.device)]
     if args.device.type == "cuda" and "cuda" in _backend.available(args.device):

@@ -34,6 +34,30 @@ def test_bn_prelu_benchmark_every_mode(tmp_path):
     assert fused[("train_fwd_bwd", "prelu", "nchw")] < 2 * 4 * 4 * 8 * 5 * 5  # one input-sized tensor + O(C)
 
 
+def test_bn_prelu_benchmark_takes_every_batchnorm_rank(tmp_path):
+    """BatchNorm1d (N, C) and (N, C, L) inputs and BatchNorm3d ones, each in both layouts (channels innermost for
+    channels_last: what fusedrect walks as rows of channels)."""
+    shapes = ["6x5", "4x3x7", "2x4x3x2x5"]
+    result = run_benchmark("bench_bn_prelu.py", "--shapes", ",".join(shapes), "--providers", "eager,fusedrect",
+                           "--modes", "train_fwd_bwd", "--activations", "prelu", tmp_path=tmp_path)
+    got = {("x".join(map(str, r["shape"])), r["memory_format"], r["provider"]) for r in result["records"]}
+    assert got == {(s, f, p) for s in shapes for f in ("nchw", "channels_last") for p in ("eager", "fusedrect")}
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from bench_bn_prelu import make_input
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    x = make_input((2, 4, 3, 2, 5), "channels_last", torch.device("cpu"), torch.float32)
+    assert x.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_bn_prelu_benchmark_rejects_bad_shapes():
+    for shapes, message in (("4x0x3", "expected 2 to 5 positive sizes"), ("4xa", "of ints")):
+        result = subprocess.run([sys.executable, str(BENCHMARKS / "bench_bn_prelu.py"), "--shapes", shapes],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and message in result.stderr
+
+
 def test_preact_benchmark_units_and_network(tmp_path):
     result = run_benchmark("bench_preact.py", "--units", "2x8x6x6", "--kernels", "1,3", "--depth", "20", "--batch",
                            "2", "--image-size", "8", "--providers", "eager,split,fusedrect", tmp_path=tmp_path)
