@@ -70,6 +70,7 @@ def preact_conv2d(
     never stored: backward recomputes it from ``input``. ``backend`` as in :func:`bn_prelu`.
     """
     _validate(input, running_mean, running_var, weight, bias, slope, training, momentum, eps)
+    conv_weight, conv_bias = _autocast_conv_parameters(input, conv_weight, conv_bias)
     conv_args = _validate_conv(input, conv_weight, conv_bias, stride, padding, dilation, groups)
     backend = _backend.resolve(backend, input)
     if training:
@@ -218,6 +219,20 @@ def _pair(name, value, minimum):
             or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= minimum for v in pair)):
         raise ValueError(f"{name}: expected an int >= {minimum} or a pair of them, got {value!r}")
     return [int(v) for v in pair]
+
+
+def _autocast_conv_parameters(input, conv_weight, conv_bias):
+    """Under torch.autocast, with an input in its low-precision dtype (the output of an autocast layer before),
+    the convolution's parameters cast to that dtype, as autocast casts nn.Conv2d's (differentiably: gradients
+    reach the fp32 parameters). An fp32 input keeps the parameters and the output in fp32, as the BatchNorm
+    modules do."""
+    device = input.device.type
+    if not torch.is_autocast_enabled(device) or input.dtype != torch.get_autocast_dtype(device):
+        return conv_weight, conv_bias
+
+    def cast(t):
+        return t.to(input.dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+    return cast(conv_weight), cast(conv_bias)
 
 
 def _validate_conv(input, conv_weight, conv_bias, stride, padding, dilation, groups):

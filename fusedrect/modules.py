@@ -143,12 +143,14 @@ class _FusedBNAct(nn.Module):
         return {"device": tensor.device, "dtype": tensor.dtype if tensor.is_floating_point() else None}
 
     @staticmethod
-    def _bn_kwargs(bn, act):
-        """The constructor arguments of the fused equivalent of ``bn`` then ``act``; device and dtype from the
-        first tensor either holds."""
+    def _bn_kwargs(bn, act, conv=None):
+        """The constructor arguments of the fused equivalent of ``bn`` then ``act`` (then ``conv``); device and
+        dtype from the first floating-point tensor any of them holds (a BatchNorm without affine parameters or
+        running statistics and a ReLU hold none)."""
         if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
             raise TypeError(f"bn: expected an nn.BatchNorm1d/2d/3d module, got {type(bn).__name__}")
-        tensors = [*bn.parameters(), *(t for t in bn.buffers() if t.is_floating_point()), *act.parameters()]
+        tensors = [*bn.parameters(), *(t for t in bn.buffers() if t.is_floating_point()), *act.parameters(),
+                   *(conv.parameters() if conv is not None else ())]
         factory = {"device": tensors[0].device, "dtype": tensors[0].dtype} if tensors else {}
         return {
             "num_features": bn.num_features, "eps": bn.eps, "momentum": bn.momentum, "affine": bn.affine,
@@ -334,7 +336,7 @@ class FusedPreActConv2d(_FusedBNAct):
             raise TypeError(f"conv: expected an nn.Conv2d module, got {type(conv).__name__}")
         if conv.padding_mode != "zeros":
             raise ValueError(f"conv: expected padding_mode='zeros', got {conv.padding_mode!r}")
-        kwargs = cls._bn_kwargs(bn, act)
+        kwargs = cls._bn_kwargs(bn, act, conv)
         if conv.in_channels != bn.num_features:
             raise ValueError(f"conv: expected in_channels={bn.num_features} (the BatchNorm's features), got "
                              f"{conv.in_channels}")

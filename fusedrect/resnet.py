@@ -4,8 +4,10 @@ A full pre-activation unit computes ``x + F(x)`` where F is a chain of BN -> act
 clean identity. ``fused=True`` builds every BN -> act -> conv as one :class:`FusedPreActConv2d` (the
 activation is never stored); ``fused=False`` builds the same network from ``nn.BatchNorm2d``, ``nn.ReLU`` /
 ``nn.PReLU`` and ``nn.Conv2d`` (each unit an ``nn.Sequential(bn, act, conv)``), for comparisons.
-``fusedrect.convert_model`` turns the second into the first and ``fusedrect.revert_model`` back, weights
-included.
+``fusedrect.revert_model`` turns the first into the second, weights and state_dict keys included;
+``fusedrect.convert_model`` turns the second into an equivalent fused network whose state_dict keys are not the
+first's (each unit keeps its ``nn.Sequential`` indices), so checkpoints move between the kinds through
+``revert_model`` and the plain network's keys.
 
 Where a unit changes shape, the pre-activation is computed once and feeds both the residual branch and the
 1x1 projection shortcut (as in the paper's code): that one activation is stored, by a fused BN + act module.

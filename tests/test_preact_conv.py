@@ -12,6 +12,7 @@ import fusedrect
 from conftest import make_input
 from fusedrect import reference
 from fusedrect.modules import FusedPreActConv2d
+from fusedrect.resnet import preact_resnet
 
 
 def fused_unit(kernel, stride, padding, groups, activation, bias=True, dtype=torch.float64, in_channels=4, **kwargs):
@@ -214,6 +215,17 @@ def test_from_modules_round_trip_and_state_dict():
     assert "activation='prelu'" in repr(fused) and "kernel_size=(3, 3)" in repr(fused)
 
 
+def test_from_modules_takes_dtype_and_device_from_the_convolution_too():
+    """A BatchNorm without tensors (no affine, no running statistics) and a ReLU: the convolution's dtype."""
+    plain = nn.Sequential(nn.BatchNorm2d(4, affine=False, track_running_stats=False), nn.ReLU(),
+                          nn.Conv2d(4, 6, 3)).double()
+    fused = FusedPreActConv2d.from_modules(*plain)
+    assert fused.conv_weight.dtype == torch.float64
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(fused(x), plain(x))
+    torch.testing.assert_close(fusedrect.convert_model(plain)(x), plain(x))
+
+
 def test_from_modules_relu_and_bad_modules():
     fused = FusedPreActConv2d.from_modules(nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1))
     assert fused.slope is None and fused.conv_bias is not None
@@ -248,6 +260,28 @@ def test_padding_string_errors():
         FusedPreActConv2d(4, 4, 2, padding="same")
     with pytest.raises(ValueError, match="padding: expected an int, a pair, 'valid' or 'same', got 'full'"):
         FusedPreActConv2d(4, 4, 3, padding="full")
+
+
+@pytest.mark.parametrize("activation", ["relu", "prelu"])
+def test_autocast_casts_the_convolution_as_nn_conv2d(activation):
+    """Under CPU autocast (bf16) a bf16 input (what an autocast layer before gives) meets fp32 parameters: the
+    convolution's are cast as autocast casts nn.Conv2d's, the gradients reach them in fp32; an fp32 input stays
+    fp32. A whole preact ResNet runs under autocast."""
+    unit = FusedPreActConv2d(4, 6, 3, padding=1, bias=True, activation=activation)
+    plain = unit.to_modules()
+    x = torch.randn(2, 4, 8, 8).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, expected = unit(x), plain(x)
+        y_fp32 = unit(x.float())
+        y.float().square().sum().backward()
+        expected.float().square().sum().backward()
+    assert y.dtype == torch.bfloat16 and y_fp32.dtype == torch.float32
+    torch.testing.assert_close(y, expected)
+    assert unit.conv_weight.grad.dtype == torch.float32
+    torch.testing.assert_close(unit.conv_weight.grad, plain[2].weight.grad)
+    torch.testing.assert_close(unit.conv_bias.grad, plain[2].bias.grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert preact_resnet(20)(torch.randn(2, 3, 16, 16)).dtype == torch.bfloat16
 
 
 def test_constructor_errors():

@@ -92,3 +92,14 @@ def test_module_with_triton_backend_matches_plain_modules(layout, activation, tr
                          (fused.bias, bn.bias)] + ([(fused.slope, act.weight)] if prelu else []):
         torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fused.running_var, bn.running_var)
+
+
+def test_bf16_module_takes_the_framework_convolution():
+    """The interpreter computes bf16 tl.dot wrongly (Triton 3.8): a bf16 channels-last unit runs the Triton
+    BatchNorm + act kernels and the framework's convolution, and agrees with the cpp backend's."""
+    fused = fusedrect.FusedPreActConv2d(8, 16, 3, padding=1, activation="prelu", backend="triton",
+                                        dtype=torch.bfloat16)
+    cpp = fusedrect.FusedPreActConv2d(8, 16, 3, padding=1, activation="prelu", backend="cpp", dtype=torch.bfloat16)
+    cpp.load_state_dict(fused.state_dict())
+    x = channels_last(3, 8, 7, 6, dtype=torch.bfloat16)
+    torch.testing.assert_close(fused(x), cpp(x), rtol=2e-2, atol=2e-2)
