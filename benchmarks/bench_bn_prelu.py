@@ -18,8 +18,8 @@ from torch import nn
 import fusedrect
 from fusedrect.ops import _backend
 
-from common import (DTYPES, Progress, copy_step, cuda_graphed, finish, format_table, geometric_mean, median_ms,
-                    pyplot, saved_bytes, speedup_bars)
+from common import (DTYPES, Progress, check_common_args, copy_step, cuda_graphed, finish, format_table,
+                    geometric_mean, median_ms, parse_shapes, pyplot, saved_bytes, speedup_bars)
 
 RESNET_STAGES = ["32x64x56x56", "32x128x28x28", "32x256x14x14", "32x512x7x7"]
 # frozen_fwd_bwd (opt-in): eval-mode forward + backward with every parameter frozen, as when fine-tuning a
@@ -46,14 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--json", help="write one record per measurement to this path")
     p.add_argument("--plot", help="write a PNG bar chart of the speedups to this path")
     args = p.parse_args(argv)
-    try:
-        args.shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
-    except ValueError:
-        p.error(f"--shapes: expected comma-separated NxC[xL[xH[xW]]] of ints, got {args.shapes!r}")
-    for shape in args.shapes:
-        if not 2 <= len(shape) <= 5 or min(shape) < 1:
-            p.error(f"--shapes: {'x'.join(map(str, shape))}: expected 2 to 5 positive sizes (a BatchNorm1d, 2d or 3d "
-                    "input)")
+    args.shapes = parse_shapes(p, "--shapes", args.shapes, ranks=(2, 3, 4, 5))  # BatchNorm1d, 2d or 3d inputs
     for name, allowed in (("layouts", LAYOUTS), ("modes", MODES), ("activations", ACTIVATIONS),
                           ("providers", ("eager", "compile", "fusedrect"))):
         values = getattr(args, name).split(",")
@@ -61,9 +54,7 @@ def parse_args(argv=None):
         if unknown:
             p.error(f"--{name}: unknown {sorted(unknown)}; expected some of {allowed}")
         setattr(args, name, values)
-    args.device = torch.device(args.device)
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available")
+    check_common_args(p, args)
     if args.cuda_graphs and args.device.type != "cuda":
         p.error("--cuda-graphs: needs --device cuda")
     return args

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import fusedrect
 from fusedrect.resnet import preact_resnet
 
-from common import Progress, format_table, machine_info, write_json
+from common import Progress, format_table, machine_info, parse_shapes, write_json
 
 SHAPES = "32x64x56x56,32x128x28x28,32x256x14x14,32x512x7x7"
 # The environment of each setting: the cache off, on (its default limit), and on with glibc keeping freed memory.
@@ -45,8 +45,13 @@ def parse_args(argv=None):
     p.add_argument("--json", help="write one record per measurement to this path")
     p.add_argument("--child", help=argparse.SUPPRESS)  # one configuration, as JSON: run it, print the result
     args = p.parse_args(argv)
-    args.shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")] if args.shapes else []
+    args.shapes = parse_shapes(p, "--shapes", args.shapes, ranks=(4,)) if args.shapes else []
     args.layouts = args.layouts.split(",")
+    unknown = set(args.layouts) - {"nchw", "channels_last"}
+    if unknown:
+        p.error(f"--layouts: unknown {sorted(unknown)}; expected some of nchw, channels_last")
+    if args.iters < 1 or args.warmup < 0 or args.batch < 1 or args.depth < 0:
+        p.error("--iters, --batch: expected at least 1; --warmup, --depth: at least 0")
     return args
 
 
@@ -122,7 +127,10 @@ def run(args):
         env.update(SETTINGS[setting])
         child = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(config),
                  "--iters", str(args.iters), "--warmup", str(args.warmup)]
-        out = subprocess.run(child, env=env, check=True, capture_output=True, text=True).stdout
+        result = subprocess.run(child, env=env, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"bench_buffer_cache: {label} (cache {setting}) failed:\n{result.stderr}")
+        out = result.stdout
         records.append({**json.loads(out.splitlines()[-1]), "buffer_cache": setting, "device": "cpu",
                         "dtype": "fp32"})
     return records

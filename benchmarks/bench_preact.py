@@ -25,8 +25,8 @@ from torch import nn
 import fusedrect
 from fusedrect.resnet import DEPTHS, preact_resnet
 
-from common import (DTYPES, Progress, finish, format_table, geometric_mean, median_ms, pyplot, saved_bytes,
-                    speedup_bars, synchronize)
+from common import (DTYPES, Progress, check_common_args, finish, format_table, geometric_mean, median_ms,
+                    parse_shapes, pyplot, saved_bytes, speedup_bars, synchronize)
 
 DEFAULTS = {  # per device: unit shapes, network depth, batch and image size
     "cpu": {"units": "8x64x56x56,8x128x28x28,8x256x14x14,8x512x7x7", "depth": 20, "batch": 32, "image": 32},
@@ -53,16 +53,23 @@ def parse_args(argv=None):
     p.add_argument("--json", help="write one record per measurement to this path")
     p.add_argument("--plot", help="write a PNG bar chart of the speedups to this path")
     args = p.parse_args(argv)
-    args.device = torch.device(args.device)
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available")
+    check_common_args(p, args)
     defaults = DEFAULTS["cuda" if args.device.type == "cuda" else "cpu"]
     units = args.units if args.units is not None else defaults["units"]
-    args.units = [tuple(int(d) for d in s.split("x")) for s in units.split(",")] if units else []
-    args.kernels = [int(k) for k in args.kernels.split(",")]
+    args.units = parse_shapes(p, "--units", units, ranks=(4,)) if units else []
+    try:
+        args.kernels = [int(k) for k in args.kernels.split(",")]
+    except ValueError:
+        p.error(f"--kernels: expected comma-separated ints, got {args.kernels!r}")
+    if any(k < 1 or k % 2 == 0 for k in args.kernels):
+        p.error(f"--kernels: expected odd sizes (the units pad k // 2 to keep the size), got {args.kernels}")
     args.depth = defaults["depth"] if args.depth is None else args.depth
     if args.depth and args.depth not in DEPTHS:
         p.error(f"--depth: expected 0 (no network part) or one of {DEPTHS}, got {args.depth}")
+    for name in ("batch", "image_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')}: expected at least 1, got {value}")
     args.batch = args.batch or defaults["batch"]
     args.image_size = args.image_size or defaults["image"]
     args.providers = args.providers.split(",")
@@ -204,13 +211,17 @@ def report(records):
             for p in UNIT_PROVIDERS:
                 row.append(f"{res[p]['median_ms']:.3f}" if p in res else "-")
             for other in speedups:
-                s = ratio(res[other]["median_ms"], ours["median_ms"]) if other in res and ours else float("nan")
+                if other not in res or not ours:  # a provider left out of the run
+                    row.append("-")
+                    continue
+                s = ratio(res[other]["median_ms"], ours["median_ms"])
                 speedups[other].append(s)
                 row.append(f"{s:.2f}x")
             row.append(f"{ratio(ours['saved_bytes'], res['eager']['saved_bytes']):.2f}" if ours and "eager" in res
                        else "-")
             rows.append(row)
-        rows.append(["geomean", "", "", "", "", "", *(f"{geometric_mean(v):.2f}x" for v in speedups.values()), ""])
+        rows.append(["geomean", "", "", "", "", "",
+                     *(f"{geometric_mean(v):.2f}x" if v else "-" for v in speedups.values()), ""])
         lines += ["Pre-activation units, training forward + backward (ms; fusedrect speedup over each provider; "
                   "saved bytes as a fraction of eager's)",
                   format_table(["kernel", "shape", *(f"{p} ms" for p in UNIT_PROVIDERS), "vs eager", "vs compile",

@@ -16,6 +16,35 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _ORDERS = random.Random(0)  # median_ms' orders of turns
 
 
+def parse_shapes(parser, option, text, ranks):
+    """``text``, comma-separated sizes joined by x (``NxCxHxW``), as tuples of ``ranks`` sizes, each >= 1;
+    ``parser.error`` otherwise."""
+    try:
+        shapes = [tuple(int(d) for d in s.split("x")) for s in text.split(",")]
+    except ValueError:
+        parser.error(f"{option}: expected comma-separated sizes joined by x, got {text!r}")
+    for shape in shapes:
+        if len(shape) not in ranks or min(shape) < 1:
+            parser.error(f"{option}: {'x'.join(map(str, shape))}: expected {' or '.join(map(str, ranks))} sizes, "
+                         "each at least 1")
+    return shapes
+
+
+def check_common_args(parser, args):
+    """The device (a torch.device that exists here) and the timing counts every benchmark takes."""
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError as error:
+        parser.error(f"--device: {error}")
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.device.type not in ("cpu", "cuda"):
+        parser.error(f"--device: expected cpu or cuda, got {args.device.type}")
+    if args.iters < 1 or args.warmup < 0:
+        parser.error(f"--iters/--warmup: expected at least 1 timed and 0 warm-up iterations, got {args.iters} and "
+                     f"{args.warmup}")
+
+
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)

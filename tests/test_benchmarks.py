@@ -51,11 +51,19 @@ def test_bn_prelu_benchmark_takes_every_batchnorm_rank(tmp_path):
     assert x.is_contiguous(memory_format=torch.channels_last_3d)
 
 
-def test_bn_prelu_benchmark_rejects_bad_shapes():
-    for shapes, message in (("4x0x3", "expected 2 to 5 positive sizes"), ("4xa", "of ints")):
-        result = subprocess.run([sys.executable, str(BENCHMARKS / "bench_bn_prelu.py"), "--shapes", shapes],
-                                capture_output=True, text=True, timeout=120)
-        assert result.returncode == 2 and message in result.stderr
+@pytest.mark.parametrize("script, args, message", [
+    ("bench_bn_prelu.py", ["--shapes", "4x0x3"], "--shapes: 4x0x3: expected 2 or 3 or 4 or 5 sizes, each at least 1"),
+    ("bench_bn_prelu.py", ["--shapes", "4xa"], "--shapes: expected comma-separated sizes joined by x"),
+    ("bench_bn_prelu.py", ["--iters", "0"], "--iters/--warmup: expected at least 1 timed"),
+    ("bench_preact.py", ["--kernels", "2"], "--kernels: expected odd sizes"),
+    ("bench_preact.py", ["--batch", "0"], "--batch: expected at least 1"),
+    ("bench_preact.py", ["--device", "foo"], "--device:"),
+    ("bench_buffer_cache.py", ["--layouts", "nhwc"], "--layouts: unknown ['nhwc']"),
+], ids=lambda v: v if isinstance(v, str) and v.endswith(".py") else None)
+def test_benchmarks_reject_bad_options(script, args, message):
+    result = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and message in result.stderr
 
 
 def test_preact_benchmark_units_and_network(tmp_path):
