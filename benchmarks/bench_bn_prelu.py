@@ -34,7 +34,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument("--shapes", default=",".join(RESNET_STAGES), help="comma-separated NxCxHxW")
+    p.add_argument("--shapes", default=",".join(RESNET_STAGES), help="comma-separated NxC, NxCxL, NxCxHxW or NxCxDxHxW")
     p.add_argument("--layouts", default=",".join(LAYOUTS))
     p.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"some of {','.join(MODES)}")
     p.add_argument("--activations", default=",".join(ACTIVATIONS))

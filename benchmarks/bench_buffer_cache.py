@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedrect
-from fusedrect.resnet import preact_resnet
+from fusedrect.resnet import DEPTHS, preact_resnet
 
 from common import Progress, format_table, machine_info, parse_shapes, write_json
 
@@ -50,8 +50,12 @@ def parse_args(argv=None):
     unknown = set(args.layouts) - {"nchw", "channels_last"}
     if unknown:
         p.error(f"--layouts: unknown {sorted(unknown)}; expected some of nchw, channels_last")
-    if args.iters < 1 or args.warmup < 0 or args.batch < 1 or args.depth < 0:
-        p.error("--iters, --batch: expected at least 1; --warmup, --depth: at least 0")
+    if args.iters < 1 or args.warmup < 0:
+        p.error(f"--iters/--warmup: expected at least 1 timed and 0 warm-up steps, got {args.iters} and {args.warmup}")
+    if args.batch < 1:
+        p.error(f"--batch: expected at least 1, got {args.batch}")
+    if args.depth and args.depth not in DEPTHS:
+        p.error(f"--depth: expected 0 (no network loops) or one of {DEPTHS}, got {args.depth}")
     return args
 
 

@@ -38,11 +38,14 @@ def check_common_args(parser, args):
         parser.error(f"--device: {error}")
     if args.device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    if args.device.type == "cuda" and (args.device.index or 0) >= torch.cuda.device_count():
+        parser.error(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s)")
     if args.device.type not in ("cpu", "cuda"):
         parser.error(f"--device: expected cpu or cuda, got {args.device.type}")
-    if args.iters < 1 or args.warmup < 0:
+    warmup = getattr(args, "warmup", 0)
+    if args.iters < 1 or warmup < 0:
         parser.error(f"--iters/--warmup: expected at least 1 timed and 0 warm-up iterations, got {args.iters} and "
-                     f"{args.warmup}")
+                     f"{warmup}")
 
 
 def synchronize(device):

@@ -14,7 +14,7 @@ import time
 import torch
 
 from bench_bn_prelu import eager_module, fused_module, make_input, step
-from common import DTYPES, format_table, median_ms, synchronize
+from common import DTYPES, check_common_args, format_table, median_ms, parse_shapes, synchronize
 from fusedrect.ops import _backend
 
 
@@ -22,14 +22,14 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument("--shape", default="32x128x28x28", help="NxCxHxW")
+    p.add_argument("--shape", default="32x128x28x28", help="NxC, NxCxL, NxCxHxW or NxCxDxHxW")
     p.add_argument("--layout", choices=["nchw", "channels_last"], default="nchw")
     p.add_argument("--activation", choices=["prelu", "relu"], default="prelu")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--profile-rows", type=int, default=20, help="rows of each profiler table (0: none)")
     args = p.parse_args(argv)
-    args.shape = tuple(int(d) for d in args.shape.split("x"))
-    args.device = torch.device(args.device)
+    (args.shape,) = parse_shapes(p, "--shape", args.shape, ranks=(2, 3, 4, 5))
+    check_common_args(p, args)
     return args
 
 

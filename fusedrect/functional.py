@@ -227,7 +227,8 @@ def _autocast_conv_parameters(input, conv_weight, conv_bias):
     reach the fp32 parameters). An fp32 input keeps the parameters and the output in fp32, as the BatchNorm
     modules do."""
     device = input.device.type
-    if not torch.is_autocast_enabled(device) or input.dtype != torch.get_autocast_dtype(device):
+    if (not torch._C._is_any_autocast_enabled() or not torch.amp.is_autocast_available(device)
+            or not torch.is_autocast_enabled(device) or input.dtype != torch.get_autocast_dtype(device)):
         return conv_weight, conv_bias
 
     def cast(t):

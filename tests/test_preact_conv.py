@@ -245,12 +245,17 @@ def test_from_modules_relu_and_bad_modules():
 def test_padding_strings_as_conv2d(padding):
     """The constructor takes nn.Conv2d's padding strings, resolved to the pair they pad."""
     fused = FusedPreActConv2d(4, 6, (3, 5), padding=padding, dilation=(2, 1), bias=True).eval()
-    plain = fused.to_modules()
-    x = torch.randn(2, 4, 9, 9)
-    torch.testing.assert_close(fused(x), plain(x))
     conv = nn.Conv2d(4, 6, (3, 5), padding=padding, dilation=(2, 1))
-    assert fused(x).shape == conv(x).shape
+    conv.load_state_dict({"weight": fused.conv_weight, "bias": fused.conv_bias})
+    x = torch.randn(2, 4, 9, 9)
+    torch.testing.assert_close(fused(x), conv(F.relu(F.batch_norm(x, fused.running_mean, fused.running_var))))
     assert fused.padding == ((2, 2) if padding == "same" else (0, 0))
+
+
+def test_meta_device_forward():
+    """Shapes without data (the meta device, where autocast has no state to ask about)."""
+    unit = FusedPreActConv2d(4, 6, 3, padding=1, device="meta", backend="reference")
+    assert unit(torch.empty(2, 4, 8, 8, device="meta")).shape == (2, 6, 8, 8)
 
 
 def test_padding_string_errors():
@@ -312,3 +317,12 @@ def test_functional_errors_name_the_argument():
         fusedrect.preact_conv2d(torch.randn(2, 4, 5), *stats, torch.randn(6, 4, 3))
     with pytest.raises(ValueError, match="groups"):
         fusedrect.preact_conv2d(x, *stats, torch.randn(6, 4, 3, 3), groups=0)
+
+
+def test_triton_convolution_left_out_only_for_bf16_in_the_interpreter():
+    """The framework-convolution fallback for bf16 is for Triton's interpreter (CPU tensors): a GPU tensor (here a
+    meta one standing in) keeps the Triton convolution in every dtype."""
+    from fusedrect.ops.preact_conv import _triton_conv_runs
+    assert not _triton_conv_runs(torch.empty(1, dtype=torch.bfloat16))
+    assert _triton_conv_runs(torch.empty(1, dtype=torch.float16))
+    assert _triton_conv_runs(torch.empty(1, dtype=torch.bfloat16, device="meta"))

@@ -195,14 +195,14 @@ def _direct_impl(backend, x):
     """The implementation of ``backend`` for x when the dispatcher does not route x's device to it, else None."""
     if _through_dispatcher(backend, x):
         return None
-    return _Impl(_ops_for(backend, x), _interpreted_triton_conv if backend == "triton" else lambda _x: False)
+    return _Impl(_ops_for(backend, x), _triton_conv_runs if backend == "triton" else lambda _x: False)
 
 
-def _interpreted_triton_conv(x):
-    """Whether the Triton convolution runs x in Triton's interpreter: not in bf16, whose tl.dot the interpreter
-    computes wrongly (Triton 3.8: a 16x16 bf16 product off by ~1e10, fp16's exact); the framework's convolution
-    then follows the Triton BatchNorm + act kernels."""
-    return x.dtype != torch.bfloat16
+def _triton_conv_runs(x):
+    """Whether the Triton convolution runs x: on a GPU, yes; in Triton's interpreter (CPU tensors) not in bf16,
+    whose tl.dot the interpreter computes wrongly (Triton 3.8: a 16x16 bf16 product off by ~1e10, fp16's
+    exact), the framework's convolution following the Triton BatchNorm + act kernels instead."""
+    return x.device.type != "cpu" or x.dtype != torch.bfloat16
 
 
 def preact_conv_train(x, weight, bias, slope, eps, conv_weight, conv_bias, stride, padding, dilation, groups,
