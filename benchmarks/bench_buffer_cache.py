@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import fusedrect
 from fusedrect.resnet import DEPTHS, preact_resnet
 
-from common import Progress, format_table, machine_info, parse_shapes, write_json
+from common import Progress, check_iterations, format_table, machine_info, parse_shapes, write_json
 
 SHAPES = "32x64x56x56,32x128x28x28,32x256x14x14,32x512x7x7"
 # The environment of each setting: the cache off, on (its default limit), and on with glibc keeping freed memory.
@@ -50,8 +50,7 @@ def parse_args(argv=None):
     unknown = set(args.layouts) - {"nchw", "channels_last"}
     if unknown:
         p.error(f"--layouts: unknown {sorted(unknown)}; expected some of nchw, channels_last")
-    if args.iters < 1 or args.warmup < 0:
-        p.error(f"--iters/--warmup: expected at least 1 timed and 0 warm-up steps, got {args.iters} and {args.warmup}")
+    check_iterations(p, args)
     if args.batch < 1:
         p.error(f"--batch: expected at least 1, got {args.batch}")
     if args.depth and args.depth not in DEPTHS:

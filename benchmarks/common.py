@@ -32,6 +32,7 @@ def parse_shapes(parser, option, text, ranks):
 
 def check_common_args(parser, args):
     """The device (a torch.device that exists here) and the timing counts every benchmark takes."""
+    check_iterations(parser, args)
     try:
         args.device = torch.device(args.device)
     except RuntimeError as error:
@@ -42,6 +43,10 @@ def check_common_args(parser, args):
         parser.error(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s)")
     if args.device.type not in ("cpu", "cuda"):
         parser.error(f"--device: expected cpu or cuda, got {args.device.type}")
+
+
+def check_iterations(parser, args):
+    """--iters at least 1, --warmup (where the benchmark has it) at least 0."""
     warmup = getattr(args, "warmup", 0)
     if args.iters < 1 or warmup < 0:
         parser.error(f"--iters/--warmup: expected at least 1 timed and 0 warm-up iterations, got {args.iters} and "
