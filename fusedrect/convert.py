@@ -1,22 +1,23 @@
 """Swap BatchNorm -> ReLU/PReLU pairs, and BatchNorm2d -> ReLU/PReLU -> Conv2d pre-activation chains, of an
 existing model for the fused modules, and back.
 
-Two passes find them:
-  1. ``nn.Sequential`` containers, structurally: a BatchNorm2d, a ReLU/PReLU and a Conv2d in a row become a
-     ``FusedPreActConv2d`` followed by two ``nn.Identity``; a BatchNorm directly followed by a ReLU/PReLU
-     becomes the fused module followed by ``nn.Identity``. Indices are kept (and with them the state_dict keys
-     of everything but the fused modules' convolutions). The model keeps its class.
-  2. Every other pair or chain, where the model's ``forward`` calls the modules one after another, found by
-     tracing with ``torch.fx``: a BatchNorm node whose only user is a ReLU/PReLU (module, ``F.relu``,
-     ``torch.relu`` or ``.relu()``); a chain where that activation is a module called only there whose only
-     user is a Conv2d module called only there (a functional relu stays in the code, so it cannot be moved
-     before a convolution: such a BatchNorm is fused with its activation only). The model is patched in place
-     (no GraphModule: it keeps its class, methods and state). A module that does not trace is searched child
-     by child, and reported.
+``torch.fx`` traces the model's ``forward`` (through containers, ``nn.Sequential`` included, down to the
+BatchNorm, activation and convolution modules) and finds them where they are called one after another: a
+BatchNorm node whose only user is a ReLU/PReLU (module, ``F.relu``, ``torch.relu`` or ``.relu()``); a chain where
+that activation is a module called only there whose only user is a Conv2d module called only there (a
+functional relu stays in the code, so it cannot be moved before a convolution: such a BatchNorm is fused with its
+activation only). The model is patched in place (no GraphModule: it keeps its class, methods and state): the
+BatchNorm's place holds the fused module, the activation's and the convolution's ``nn.Identity``, so that inside
+``nn.Sequential`` indices and state_dict keys stay. A module that does not trace is searched child by child, and
+reported; an ``nn.Sequential`` among them (calling its children in a row: its own forward) is then taken
+structurally, a BatchNorm directly followed by its activation (and a Conv2d) in it fused.
 An ``nn.SyncBatchNorm`` becomes the synchronized module (FusedSyncBNReLU / FusedSyncBNPReLU, its process group
-kept), with its activation only: FusedPreActConv2d has no synchronized version. A BatchNorm whose output is also
-used elsewhere is never fused (its normalised output would be lost), nor is a PReLU module called at several
-places (its one slope would become several).
+kept), with its activation only: FusedPreActConv2d has no synchronized version. Left alone, and reported: a
+BatchNorm whose output is also used elsewhere (its normalised output would be lost); a BatchNorm, PReLU or
+convolution module called at several places or held at several places in the model (its one set of parameters
+would become several); one with hooks or parametrizations (a hook would no longer run, a parametrization would
+be frozen into plain values: legacy ``spectral_norm``/``weight_norm`` are such hooks); a BatchNorm with
+``bias=False`` (the fused modules always have a bias).
 """
 import copy
 import dataclasses
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.utils import parametrize
 
 from fusedrect.modules import FusedBNPReLU, FusedBNReLU, FusedPreActConv2d, _FusedBNAct
 from fusedrect.sync_batchnorm import FusedSyncBNPReLU, FusedSyncBNReLU
@@ -63,8 +65,7 @@ def convert_model(model, inplace=False):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     model = model if inplace else _copy(model)
     report = ConversionReport()
-    _convert_sequentials(model, "", report)
-    _convert_traced(model, "", report)
+    _convert_traced(model, "", report, _shared(model))
     logger.info("%s", report)
     model.fusedrect_report = report
     return model
@@ -119,6 +120,37 @@ def _is_activation(module):
     return isinstance(module, (nn.ReLU, nn.PReLU)) and type(module).forward in (nn.ReLU.forward, nn.PReLU.forward)
 
 
+def _shared(model):
+    """The ids of the modules that ``model`` holds at several places (one object under several names)."""
+    seen, shared = set(), set()
+    for _, module in model.named_modules(remove_duplicate=False):
+        (shared if id(module) in seen else seen).add(id(module))
+    return shared
+
+
+def _obstacle(module, shared):
+    """Why ``module`` (a BatchNorm, PReLU or convolution to fuse) must stay as it is, else None. A ReLU may be
+    shared: it holds no state, and its other places keep it."""
+    if any((module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)):
+        return "has hooks"
+    if parametrize.is_parametrized(module):
+        return "has parametrizations"
+    if id(module) in shared and not isinstance(module, nn.ReLU):
+        return "is held at several places in the model"
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine and module.bias is None:
+        return "has no bias (bias=False)"
+    return None
+
+
+def _pair_obstacle(bn, act, shared):
+    """Why the pair ``bn`` -> ``act`` must stay as it is (the first module's reason), else None."""
+    for module in (bn, act):
+        why = _obstacle(module, shared)
+        if why is not None:
+            return f"{type(module).__name__} {why}"
+    return None
+
+
 def _fusable_activation(bn, act):
     if not _is_activation(act):
         return False
@@ -133,9 +165,12 @@ def _fuse(bn, act):
     return (FusedSyncBNPReLU if sync else FusedBNPReLU).from_modules(bn, act)
 
 
-def _chainable(bn, act, conv):
-    """True when BatchNorm ``bn``, activation ``act`` and ``conv`` can become one FusedPreActConv2d."""
+def _chainable(bn, act, conv, shared):
+    """True when BatchNorm ``bn``, activation ``act`` and ``conv`` (a pair free of obstacles and a module) can
+    become one FusedPreActConv2d: the activation also held elsewhere would still run there, after the chain."""
     if not (isinstance(bn, nn.BatchNorm2d) and type(conv) is nn.Conv2d and _fusable_activation(bn, act)):
+        return False
+    if id(act) in shared or _obstacle(conv, shared) is not None:
         return False
     symmetric = not isinstance(conv.padding, str) or conv.padding == "valid" or all(
         d * (k - 1) % 2 == 0 for d, k in zip(conv.dilation, conv.kernel_size))
@@ -146,11 +181,9 @@ def _join(prefix, name):
     return f"{prefix}.{name}" if prefix else name
 
 
-def _convert_sequentials(module, path, report):
-    for name, child in module.named_children():
-        _convert_sequentials(child, _join(path, name), report)
-    if not isinstance(module, nn.Sequential) or type(module).forward is not nn.Sequential.forward:
-        return  # a Sequential with its own forward may not call its children in a row: pass 2 traces it
+def _fuse_sequential(module, path, report, shared):
+    """Fuses the BatchNorm -> activation (-> Conv2d) runs among the children of ``module``, an nn.Sequential with
+    its own forward (which calls them in a row) that does not trace."""
     names = list(module._modules)
     i = 0
     while i + 1 < len(names):
@@ -159,7 +192,12 @@ def _convert_sequentials(module, path, report):
         if not (_is_batchnorm(bn) and _fusable_activation(bn, act)):
             i += 1
             continue
-        width = 3 if conv is not None and _chainable(bn, act, conv) else 2
+        why = _pair_obstacle(bn, act, shared)
+        if why is not None:
+            report.skipped.append((_join(path, names[i]), why))
+            i += 1
+            continue
+        width = 3 if conv is not None and _chainable(bn, act, conv, shared) else 2
         module._modules[names[i]] = FusedPreActConv2d.from_modules(bn, act, conv) if width == 3 else _fuse(bn, act)
         for name in names[i + 1:i + width]:
             module._modules[name] = nn.Identity()
@@ -175,11 +213,11 @@ class _Tracer(fx.Tracer):
             super().is_leaf_module(module, qualified_name))
 
 
-def _convert_traced(module, path, report):
+def _convert_traced(module, path, report, shared):
     """Fuses the pairs that ``module.forward`` calls one after another, patching ``module`` in place (it keeps its
     class, methods and other state): the BatchNorm becomes the fused module and an activation module called
     only there becomes nn.Identity. A ReLU also called elsewhere (or a functional relu) stays in the code: applied
-    to the fused output it changes nothing."""
+    to the fused output it changes nothing. ``shared``: the ids of modules held at several places."""
     if not any(_is_batchnorm(m) for m in module.modules()) or not list(module.children()):
         return
     try:
@@ -188,9 +226,11 @@ def _convert_traced(module, path, report):
         report.skipped.append((path or type(module).__name__, f"does not trace ({type(error).__name__}); "
                                                                "searched child by child"))
         for name, child in module.named_children():
-            _convert_traced(child, _join(path, name), report)
+            _convert_traced(child, _join(path, name), report, shared)
+        if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
+            _fuse_sequential(module, path, report, shared)
         return
-    _fuse_graph(module, graph, path, report)
+    _fuse_graph(module, graph, path, report, shared)
 
 
 def _activation_of(node, modules):
@@ -208,7 +248,7 @@ def _replace(module, target, new):
     setattr(module.get_submodule(parent) if parent else module, name, new)
 
 
-def _fuse_graph(module, graph, path, report):
+def _fuse_graph(module, graph, path, report, shared):
     modules = dict(module.named_modules())
     calls = {}
     for node in graph.nodes:
@@ -227,14 +267,17 @@ def _fuse_graph(module, graph, path, report):
             continue
         act_node = users[0]
         act_calls = calls.get(act_node.target, 0) if act_node.op == "call_module" else 0
+        obstacle = _pair_obstacle(bn, act, shared)
         if calls[node.target] > 1:
             report.skipped.append((where, "the BatchNorm module is called at several places"))
         elif isinstance(act, nn.PReLU) and act_calls > 1:
             report.skipped.append((where, f"the PReLU {act_node.target} is called at several places"))
         elif not _fusable_activation(bn, act):
             report.skipped.append((where, f"PReLU with {act.num_parameters} slopes for {bn.num_features} channels"))
+        elif obstacle is not None:
+            report.skipped.append((where, obstacle))
         else:
-            conv_node = _chained_conv(act_node, act_calls, calls, modules, bn, act)
+            conv_node = _chained_conv(act_node, act_calls, calls, modules, bn, act, shared)
             if conv_node is not None:
                 _replace(module, node.target, FusedPreActConv2d.from_modules(bn, act, modules[conv_node.target]))
                 _replace(module, act_node.target, nn.Identity())
@@ -248,7 +291,7 @@ def _fuse_graph(module, graph, path, report):
                                                else act_node.name)))
 
 
-def _chained_conv(act_node, act_calls, calls, modules, bn, act):
+def _chained_conv(act_node, act_calls, calls, modules, bn, act, shared):
     """The Conv2d node that a BatchNorm -> ``act_node`` pair feeds alone and that can join it, else None: the
     activation and the convolution must be modules called only there (both become nn.Identity)."""
     if act_node.op != "call_module" or act_calls != 1 or len(act_node.users) != 1:
@@ -258,4 +301,4 @@ def _chained_conv(act_node, act_calls, calls, modules, bn, act):
         return None
     if len(conv_node.args) != 1 or conv_node.kwargs:
         return None
-    return conv_node if _chainable(bn, act, modules.get(conv_node.target)) else None
+    return conv_node if _chainable(bn, act, modules.get(conv_node.target), shared) else None

@@ -149,6 +149,9 @@ class _FusedBNAct(nn.Module):
         running statistics and a ReLU hold none)."""
         if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
             raise TypeError(f"bn: expected an nn.BatchNorm1d/2d/3d module, got {type(bn).__name__}")
+        if bn.affine and bn.bias is None:
+            raise ValueError("bn: a BatchNorm without a bias (bias=False) has no fused equivalent: the fused modules "
+                             "learn a bias where they are affine")
         tensors = [*bn.parameters(), *(t for t in bn.buffers() if t.is_floating_point()), *act.parameters(),
                    *(conv.parameters() if conv is not None else ())]
         factory = {"device": tensors[0].device, "dtype": tensors[0].dtype} if tensors else {}

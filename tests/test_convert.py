@@ -370,3 +370,130 @@ def test_converted_model_compiles_fullgraph():
     compiled(x).sum().backward()
     with torch._dynamo.config.patch(error_on_recompile=True):
         compiled(x).sum().backward()
+
+
+def _skip_reasons(model):
+    return [why for _, why in model.fusedrect_report.skipped]
+
+
+def test_modules_with_hooks_are_left_alone():
+    """A hook would no longer run on a module fused away; legacy spectral_norm is a forward pre-hook on the
+    convolution (fused, its normalisation would be lost)."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.act, self.conv = nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 3, 1)
+            self.bn2, self.act2 = nn.BatchNorm2d(3), nn.PReLU()
+
+        def forward(self, x):
+            return self.act2(self.bn2(self.conv(self.act(self.bn(x)))))
+
+    seen = []
+    model = Block()
+    model.bn.register_forward_hook(lambda module, args, out: seen.append(out))
+    model.act2.register_forward_pre_hook(lambda module, args: (args[0] * 0.5,))
+    sequential = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU(), torch.nn.utils.spectral_norm(nn.Conv2d(3, 3, 1)),
+                               nn.BatchNorm2d(3), nn.ReLU())
+    sequential[3].register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    x = torch.randn(2, 3, 4, 4)
+    # The Sequential's first BatchNorm and ReLU are fused, without the convolution (its hook); its second
+    # BatchNorm is left alone, as are both of the Block's pairs.
+    for original, fused, skipped in ((model, [], 2), (sequential, [("0", "1")], 1)):
+        converted = fusedrect.convert_model(original.eval())  # before a forward: spectral_norm's copies then
+        assert converted.fusedrect_report.fused == fused
+        assert [why for why in _skip_reasons(converted) if "has hooks" in why] == _skip_reasons(converted)
+        assert len(_skip_reasons(converted)) == skipped
+        torch.testing.assert_close(converted(x), original(x))
+    assert len(seen) == 2  # the Block's hook, in the converted Block and in the original
+    assert hasattr(converted[2], "weight_orig")
+
+
+class _DataDependent(nn.Module):
+    """Does not trace (control flow on a value): a Sequential holding it is taken structurally."""
+
+    def forward(self, x):
+        return x if x.sum() > 0 else -x
+
+
+def test_modules_held_at_several_places_are_not_split():
+    """One BatchNorm, PReLU or convolution stays one set of parameters (and statistics): called at several
+    places (traced), or held at several (an alias, or an untraceable Sequential taken structurally). A ReLU,
+    stateless, is fused with where it is shared, but joins no chain (it would still run elsewhere)."""
+    bn, prelu, conv, relu = nn.BatchNorm2d(3), nn.PReLU(3), nn.Conv2d(3, 3, 1), nn.ReLU()
+    traced = nn.Sequential(nn.Sequential(bn, relu), nn.Conv2d(3, 3, 1), nn.Sequential(bn, relu),
+                           nn.BatchNorm2d(3), prelu, nn.BatchNorm2d(3), prelu,
+                           nn.BatchNorm2d(3), relu, conv, conv, nn.BatchNorm2d(3), relu, nn.Conv2d(3, 3, 1))
+    structural = nn.Sequential(_DataDependent(), bn, relu, nn.BatchNorm2d(3), prelu, nn.BatchNorm2d(3), relu, conv,
+                               _DataDependent(), bn, nn.ReLU(), nn.BatchNorm2d(3), prelu, nn.BatchNorm2d(3), nn.ReLU(),
+                               nn.Conv2d(3, 3, 1))
+
+    class Alias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.act = nn.BatchNorm2d(3), nn.PReLU(3)
+            self.same_bn = self.bn
+
+        def forward(self, x):
+            return self.act(self.same_bn(x))
+
+    cases = [
+        (traced, [("7", "0.1"), ("11", "0.1")], ["called at several places"] * 4),
+        (structural, [("5", "6"), ("13", "14", "15")], ["held at several places"] * 4),
+        (Alias(), [], ["held at several places"]),
+    ]
+    for model, fused, reasons in cases:
+        original = randomize_state(model)
+        converted = fusedrect.convert_model(original)
+        assert converted.fusedrect_report.fused == fused
+        why = [w for w in _skip_reasons(converted) if "does not trace" not in w]
+        assert len(why) == len(reasons) and all(r in w for r, w in zip(reasons, why)), why
+        assert sum(p.numel() for p in converted.parameters()) == sum(p.numel() for p in original.parameters())
+        for _ in range(2):
+            assert_same_training_step(original, converted, torch.randn(4, 3, 5, 5).abs())
+
+
+def test_sequential_iterated_by_its_parent_keeps_its_intermediate_outputs():
+    """A parent that walks a Sequential and keeps an intermediate output (a feature tap) decides: traced, the
+    BatchNorm whose output is tapped is not fused."""
+
+    class Taps(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 3, 1),
+                                          nn.BatchNorm2d(3), nn.ReLU())
+
+        def forward(self, x):
+            taps = []
+            for i, layer in enumerate(self.features):
+                x = layer(x)
+                if i == 1:
+                    taps.append(x)
+            return x, taps[0]
+
+    original = randomize_state(Taps()).eval()
+    converted = fusedrect.convert_model(original)
+    assert converted.fusedrect_report.fused == [("features.4", "features.5")]
+    x = torch.randn(2, 3, 4, 4)
+    for got, expected in zip(converted(x), original(x)):
+        torch.testing.assert_close(got, expected)
+
+
+def test_batchnorm_without_bias_is_left_alone():
+    if "bias" not in nn.BatchNorm2d.__init__.__code__.co_varnames:
+        pytest.skip("this torch's BatchNorm has no bias argument")
+    model = nn.Sequential(nn.BatchNorm2d(3, bias=False), nn.PReLU(3))
+    with pytest.raises(ValueError, match=r"bn: a BatchNorm without a bias \(bias=False\)"):
+        FusedBNPReLU.from_modules(model[0], model[1])
+    converted = fusedrect.convert_model(model)
+    assert not converted.fusedrect_report.fused and "has no bias (bias=False)" in _skip_reasons(converted)[0]
+    converted.load_state_dict(model.state_dict())  # the same keys: nothing gained
+
+
+def test_parametrized_batchnorm_is_left_alone():
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU())
+    torch.nn.utils.parametrize.register_parametrization(model[0], "weight", nn.Softplus())
+    x = torch.randn(2, 3, 4, 4)
+    converted = fusedrect.convert_model(model)
+    assert "has parametrizations" in _skip_reasons(converted)[0]
+    torch.testing.assert_close(converted(x), model(x))
