@@ -169,12 +169,15 @@ def preact_resnet(depth, num_classes=None, width=None, activation="relu", fused=
     a 3x3 stem of ``width`` channels (default 16), three stages of ``width``, 2x and 4x channels; 10 classes by
     default. ImageNet-style (224x224 inputs; depths 18, 34 basic, 50, 101, 152 bottleneck): a 7x7 stride-2 stem
     of ``width`` channels (default 64) with BN -> act and a max pool, four stages; 1000 classes by default.
-    ``activation``: ``"relu"`` or ``"prelu"`` (channel-wise slopes, initialised to 0.25).
+    ``activation``: ``"relu"`` or ``"prelu"`` (channel-wise slopes, initialised to 0.25). ``num_classes=0``
+    gives a head of no outputs, as ``nn.Linear(c, 0)`` (None: the default).
     """
     if activation not in ("relu", "prelu"):
         raise ValueError(f"activation: expected 'relu' or 'prelu', got {activation!r}")
     if width is not None and (not isinstance(width, int) or width < 1):
         raise ValueError(f"width: expected a positive int, got {width!r}")
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 0):
+        raise ValueError(f"num_classes: expected a non-negative int or None, got {num_classes!r}")
     if depth in _CIFAR_BLOCKS:
         bottleneck = _CIFAR_BLOCKS[depth] == "bottleneck"
         block = PreActBottleneck if bottleneck else PreActBasicBlock
@@ -182,7 +185,7 @@ def preact_resnet(depth, num_classes=None, width=None, activation="relu", fused=
         width = width or 16
         stem = nn.Conv2d(3, width, 3, 1, 1, bias=False)
         stages = [(width, per_stage, 1), (2 * width, per_stage, 2), (4 * width, per_stage, 2)]
-        return PreActResNet(block, stages, stem, width, num_classes or 10, activation, fused)
+        return PreActResNet(block, stages, stem, width, 10 if num_classes is None else num_classes, activation, fused)
     if depth in _IMAGENET_LAYERS:
         kind, blocks = _IMAGENET_LAYERS[depth]
         block = PreActBottleneck if kind == "bottleneck" else PreActBasicBlock
@@ -190,6 +193,6 @@ def preact_resnet(depth, num_classes=None, width=None, activation="relu", fused=
         pool = MaxPool2dSavingIndices(3, 2, 1) if fused else nn.MaxPool2d(3, 2, 1)
         stem = nn.Sequential(nn.Conv2d(3, width, 7, 2, 3, bias=False), bn_act(width, activation, fused), pool)
         stages = [(width * 2**i, n, 1 if i == 0 else 2) for i, n in enumerate(blocks)]
-        return PreActResNet(block, stages, stem, width, num_classes or 1000, activation, fused)
+        return PreActResNet(block, stages, stem, width, 1000 if num_classes is None else num_classes, activation, fused)
     raise ValueError(f"depth: expected one of {sorted(_CIFAR_BLOCKS)} (CIFAR-style) or {sorted(_IMAGENET_LAYERS)} "
                      f"(ImageNet-style), got {depth!r}")

@@ -89,6 +89,7 @@ def test_depths_classes_and_he_initialisation():
     convs = [m for m in model.modules() if isinstance(m, FusedPreActConv2d)]
     assert len(convs) + sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) == 110 - 1 + 2  # +2 shortcuts
     assert model.fc.out_features == 10 and preact_resnet(18).fc.out_features == 1000
+    assert preact_resnet(20, num_classes=0)(torch.randn(2, 3, 8, 8)).shape == (2, 0)  # as nn.Linear(c, 0)
     weight = convs[-1].conv_weight
     torch.testing.assert_close(weight.std().item(), (2.0 / weight[0].numel()) ** 0.5, rtol=0.05, atol=0)
     prelu = [m for m in preact_resnet(20, activation="prelu").modules() if isinstance(m, FusedPreActConv2d)]
@@ -102,3 +103,5 @@ def test_errors():
         preact_resnet(20, activation="tanh")
     with pytest.raises(ValueError, match="width"):
         preact_resnet(20, width=0)
+    with pytest.raises(ValueError, match="num_classes: expected a non-negative int or None, got -1"):
+        preact_resnet(20, num_classes=-1)
