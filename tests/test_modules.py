@@ -378,10 +378,12 @@ def test_checkpoint_keeps_the_count_and_the_statistics_in_step(momentum):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_overflowing_squares_give_an_infinite_variance(layout):
+@pytest.mark.parametrize("shape", [(2, 3, 40, 40), (64, 3, 3, 3), (64, 3, 7, 7)], ids=str)
+def test_overflowing_squares_give_an_infinite_variance(layout, shape):
     """|x| ~ 1e25 in fp32: its squares overflow. As nn.BatchNorm2d: the variance (and running variance) infinite,
-    invstd 0, the output the bias (relu'd), not NaN."""
-    x = make_input((2, 3, 40, 40), layout, scale=1e25)
+    invstd 0, the output the bias (relu'd), not NaN. Long NCHW runs take two passes, short runs and channels-last
+    the shifted sums."""
+    x = make_input(shape, layout, scale=1e25)
     module = fusedrect.FusedBNReLU(3)
     with torch.no_grad():
         module.bias.copy_(torch.tensor([0.5, -0.5, 2.0]))

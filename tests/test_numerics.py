@@ -60,7 +60,8 @@ def test_non_finite_shift_of_a_later_group(layout):
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape", [(3, 4, 5, 5), (8, 4, 5, 5)], ids=str)  # NCHW statistics run by run, by position
+# NCHW statistics run by run, by position, and in tiles whose partials are merged after the infinite one's
+@pytest.mark.parametrize("shape", [(3, 4, 5, 5), (8, 4, 5, 5), (4, 4, 64, 64)], ids=str)
 def test_nan_and_inf_propagate_as_pytorch(shape, layout, activation):
     """Outputs and updated running statistics as PyTorch's: channel 0 has an infinity in the first sample (an
     infinite mean, as PyTorch's), channels 1-3 a NaN, an infinity and a negative infinity."""

@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <tuple>
@@ -215,7 +216,12 @@ void shifted_stats(const Geometry& geo, const Tile& tile, const scalar_t* x, opm
         const int64_t at = j + int64_t(b) * V;
         Vec shift = k[b];
         Vec r = sum[b] * inv_nb;
-        Vec m2 = sq[b] - sum[b] * r;
+        // Where the squares of finite deviations overflowed (|d| > ~1e19 in fp32) so did sum * r: m2 stays
+        // infinite (as PyTorch's variance), not inf - inf. (Fused into one multiply-add, as the AVX builds
+        // compile it, the product is not rounded to inf: the same result without the blend; the DEFAULT build,
+        // without FMA, gave NaN.) An infinite input, whose sum is not finite, still gives NaN, as PyTorch's.
+        const auto overflowed = (sq[b] == Vec(std::numeric_limits<T>::infinity())) & ((sum[b] - sum[b]) == Vec(T(0)));
+        Vec m2 = Vec::blendv(sq[b] - sum[b] * r, sq[b], overflowed);
         if (g > 0) {  // Chan's merge, the group's mean as an offset from the samples so far's shift
           // (a weighted sum, not ra + delta * nb / n: an infinite ra would make that NaN)
           shift = load(pos_k + at, n);
@@ -257,7 +263,11 @@ void shifted_stats(const Geometry& geo, const Tile& tile, const scalar_t* x, opm
                             const TVec e = (X[0] - P[0]) + X[1];
                             return std::array<TVec, 3>{e * e, e, X[2]};
                           });
-  for (int64_t c = 0; c < width; ++c) m2[c] = within[c] + T(nt) * (m2[c] - e_sum[c] * e_sum[c] / T(S));
+  for (int64_t c = 0; c < width; ++c) {
+    // NaN only where sum_j e^2 and (sum_j e)^2 both overflowed: then the spread is beyond fp range too.
+    const T spread = m2[c] - e_sum[c] * e_sum[c] / T(S);
+    m2[c] = within[c] + T(nt) * (std::isnan(spread) ? std::numeric_limits<T>::infinity() : spread);
+  }
 }
 
 // Batch statistics: per tile, the local mean and sum of squared deviations from it (shifted_stats, or, for NCHW
@@ -320,7 +330,9 @@ void batch_stats(const Geometry& geo, const scalar_t* x, const Store& store) {
       const T* lm2 = local_m2 + g * C + begin;
       for (int64_t c = 0; c < end - begin; ++c) {
         const double delta = double(lm[c]) - mu[c];
-        mu[c] += delta * a;
+        // An infinite mean so far or in the tile (an infinite input): the weighted sum, which keeps it (as
+        // PyTorch's sums: inf, or NaN from inf and -inf), where mu + delta * a would be inf - inf.
+        mu[c] = std::isfinite(delta) ? mu[c] + delta * a : mu[c] * (1 - a) + double(lm[c]) * a;
         m2[c] += double(lm2[c]) + delta * delta * b;
       }
       n = total;
