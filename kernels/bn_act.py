@@ -88,12 +88,16 @@ def _block_start(block, BLOCK: tl.constexpr, INDEX_64: tl.constexpr):
 
 @triton.jit
 def _chan_merge(count, mean, m2, b_count, b_mean, b_m2):
-    """Chan et al.: merge (b_count, b_mean, b_m2) into (count, mean, m2); counts may be 0."""
+    """Chan et al.: merge (b_count, b_mean, b_m2) into (count, mean, m2); counts may be 0. Where a mean is
+    infinite (an infinite input) the weighted sum keeps it (inf, or NaN from inf and -inf, as PyTorch's sums)
+    where mean + delta * w would be inf - inf; the first merge (count 0) adds no delta^2 term, which would be
+    inf * 0 = NaN where delta^2 overflows (|x| > ~1e19 in fp32: the variance is then infinite, not NaN)."""
     total = count + b_count
     safe = tl.maximum(total, 1.0)
     delta = b_mean - mean
-    mean = mean + delta * (b_count / safe)
-    m2 = m2 + b_m2 + delta * delta * (count * b_count / safe)
+    w = b_count / safe
+    mean = tl.where(delta - delta == 0.0, mean + delta * w, mean * (count / safe) + b_mean * w)
+    m2 = m2 + b_m2 + tl.where(count > 0, delta * delta * (count * b_count / safe), 0.0)
     return total, mean, m2
 
 

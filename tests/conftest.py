@@ -112,6 +112,27 @@ def check_no_gradient_for_the_output(layer):
     assert all(p.grad is None for p in layer.parameters())
 
 
+def check_statistics_beyond_fp32(ops, layout, shape=(4, 4, 64, 64)):
+    """``ops.bn_stats`` and ``ops.bn_act_fwd_train`` as PyTorch's where fp32 runs out: |x| ~ 1e25, whose squares
+    overflow, gives an infinite variance (invstd 0, the output the bias through the ReLU), not NaN; a +inf in
+    channel 0 and a -inf in channel 1, in the last sample (partials before theirs merged first), give means of
+    +inf and -inf, the other channels' staying finite. ``ops``: torch.ops.fusedrect, or a backend's launchers."""
+    channels = shape[1]
+    x = make_input(shape, layout, scale=1e25)
+    mean, var = ops.bn_stats(x)
+    assert torch.isfinite(mean).all() and torch.isinf(var).all()
+    bias = torch.linspace(-1, 1, channels)
+    y, _, invstd = ops.bn_act_fwd_train(x, None, bias, None, 1e-5)
+    assert torch.equal(invstd, torch.zeros(channels))
+    torch.testing.assert_close(y, bias.relu().view(1, channels, *[1] * (x.dim() - 2)).expand_as(y))
+    x = make_input(shape, layout)
+    last = (-1,) * (x.dim() - 2)
+    x[(-1, 0, *last)] = float("inf")
+    x[(-1, 1, *last)] = float("-inf")
+    mean, _ = ops.bn_stats(x)
+    assert mean[0] == float("inf") and mean[1] == float("-inf") and torch.isfinite(mean[2:]).all()
+
+
 def check_frozen_backward_of_non_finite_input(ops, layout, activation):
     """``ops.bn_act_bwd_elemt`` with zero sums (the frozen backward) against ``ops.bn_act_bwd`` with given
     statistics, on an input holding NaN and +-inf: equal, and finite, as PyTorch's eval backward (the x - mean

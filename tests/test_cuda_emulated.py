@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
-from conftest import ACTIVATIONS, LAYOUTS, check_frozen_backward_of_non_finite_input, make_input, make_params
+from conftest import (ACTIVATIONS, LAYOUTS, check_frozen_backward_of_non_finite_input, check_statistics_beyond_fp32,
+                      make_input, make_params)
 from fusedrect import reference
 from fusedrect.ops import _backend
 
@@ -154,6 +155,11 @@ def test_emulated_cuda_kernels_match_the_cpu_ops(emulated, shape, layout, dtype,
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_emulated_frozen_backward_of_non_finite_input(emulated, layout, activation):
     check_frozen_backward_of_non_finite_input(emulated, layout, activation)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_emulated_statistics_beyond_fp32(emulated, layout):
+    check_statistics_beyond_fp32(emulated, layout)
 
 
 @pytest.mark.parametrize("stats, running", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fusedrect
-from conftest import (ACTIVATIONS, LAYOUTS, check_frozen_backward_of_non_finite_input,
+from conftest import (ACTIVATIONS, LAYOUTS, check_frozen_backward_of_non_finite_input, check_statistics_beyond_fp32,
                       check_no_gradient_for_the_output, fused_call, fused_forward_backward, fused_module, make_input,
                       make_params, torch_modules)
 from fusedrect import reference
@@ -187,6 +187,13 @@ def test_triton_frozen_backward_of_non_finite_input(layout, activation):
     from fusedrect.kernels import bn_act as kernels
 
     check_frozen_backward_of_non_finite_input(kernels, layout, activation)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_triton_statistics_beyond_fp32(layout):
+    from fusedrect.kernels import bn_act as kernels
+
+    check_statistics_beyond_fp32(kernels, layout)
 
 
 @pytest.mark.parametrize("activation", ["relu", "prelu"])
