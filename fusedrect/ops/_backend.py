@@ -22,6 +22,8 @@ import importlib.util
 import os
 import warnings
 
+import torch
+
 try:
     from fusedrect import _C
 except ImportError as error:  # a pure-Python install: the package still works, slowly
@@ -67,6 +69,12 @@ def triton_importable():
 def triton_interpreted():
     """True when Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 before triton's import)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def functorch_active():
+    """Whether a torch.func transform (grad, vjp, jacrev, vmap, ...) runs the call: the ops' forward autograd is
+    C++ (csrc/autograd.cpp), which those transforms refuse; the direct path's autograd.Functions serve them."""
+    return torch._C._are_functorch_transforms_active()
 
 
 def why_unavailable(backend, device):

@@ -179,6 +179,7 @@ def direct_function(doc, run, setup, backward):
 
     class Direct(torch.autograd.Function):
         __doc__ = doc
+        generate_vmap_rule = True  # torch.func.vmap runs forward and backward over the batch dimension
 
         @staticmethod
         def forward(*args_and_impl):
@@ -267,9 +268,9 @@ def bn_act_train(x, weight, bias, slope, eps, backend):
     if backend == "reference":
         return reference.bn_act_train(x, weight, bias, slope, eps)
     x = native_layout(x)
-    if _through_dispatcher(backend, x):
+    if _through_dispatcher(backend, x) and not _backend.functorch_active():
         return torch.ops.fusedrect.bn_act_fwd_train.default(x, weight, bias, slope, eps)
-    return _DirectTrain.apply(x, weight, bias, slope, eps, _IMPLS[backend])
+    return _DirectTrain.apply(x, weight, bias, slope, eps, _ops_for(backend, x))
 
 
 def running_statistics(x, running_mean, running_var, eps):
@@ -300,7 +301,8 @@ def bn_act_eval_running(x, running_mean, running_var, eps, weight, bias, slope, 
     backend, one op (bn_act_fwd_eval_running: the statistics and the pass in one call from Python); else the
     statistics, then :func:`bn_act_eval`."""
     _require_running(running_mean, running_var)
-    if backend != "reference" and _through_dispatcher(backend, x) and not _tracked(running_var):
+    if (backend != "reference" and _through_dispatcher(backend, x) and not _tracked(running_var)
+            and not _backend.functorch_active()):
         return torch.ops.fusedrect.bn_act_fwd_eval_running.default(native_layout(x), running_mean, running_var, eps,
                                                                    weight, bias, slope)
     return bn_act_eval(x, *running_statistics(x, running_mean, running_var, eps), weight, bias, slope, backend)
@@ -311,6 +313,6 @@ def bn_act_eval(x, mean, invstd, weight, bias, slope, backend):
     if backend == "reference":
         return reference.bn_act_eval(x, mean, invstd, weight, bias, slope)
     x = native_layout(x)
-    if _through_dispatcher(backend, x):
+    if _through_dispatcher(backend, x) and not _backend.functorch_active():
         return torch.ops.fusedrect.bn_act_fwd_eval.default(x, mean, invstd, weight, bias, slope)
-    return _DirectEval.apply(x, mean, invstd, weight, bias, slope, _IMPLS[backend])
+    return _DirectEval.apply(x, mean, invstd, weight, bias, slope, _ops_for(backend, x))

@@ -19,6 +19,7 @@ import torch
 
 from fusedrect import reference
 from fusedrect.ops import _backend
+from fusedrect.ops.bn_act import _DirectEval as _DirectBNEval
 from fusedrect.ops.bn_act import (_like, _needed_grads, _ops_for, _stats_like, _through_dispatcher, direct_function,
                                   dispatcher_ops, native_layout)
 
@@ -191,10 +192,19 @@ _DirectEval = direct_function(
     lambda ctx, inputs, output, impl: _eval_setup(ctx, inputs, output, impl.bwd), _eval_backward)
 
 
+@functools.cache
+def _under_functorch():
+    """The implementation the dispatcher runs, for a torch.func transform (which refuses the forward ops' C++
+    autograd): its backward's recomputation of the activation through the direct path's autograd.Function."""
+    ops = dispatcher_ops()
+    return _Impl({**ops, "bn_act_fwd_eval": lambda *args: _DirectBNEval.apply(*args, ops)}, _routed_to_triton)
+
+
 def _direct_impl(backend, x):
-    """The implementation of ``backend`` for x when the dispatcher does not route x's device to it, else None."""
+    """The implementation of ``backend`` for x when the dispatcher does not route x's device to it, or when a
+    torch.func transform runs, else None."""
     if _through_dispatcher(backend, x):
-        return None
+        return _under_functorch() if _backend.functorch_active() else None
     return _Impl(_ops_for(backend, x), _triton_conv_runs if backend == "triton" else lambda _x: False)
 
 
