@@ -9,16 +9,19 @@ functional relu stays in the code, so it cannot be moved before a convolution: s
 activation only). The model is patched in place (no GraphModule: it keeps its class, methods and state): the
 BatchNorm's place holds the fused module, the activation's and the convolution's ``nn.Identity``, so that inside
 ``nn.Sequential`` indices and state_dict keys stay. A module that does not trace is searched child by child, and
-reported; an ``nn.Sequential`` among them (calling its children in a row: its own forward) is then taken
-structurally, a BatchNorm directly followed by its activation (and a Conv2d) in it fused.
+reported; an ``nn.Sequential`` among them (with nn.Sequential's forward, which calls its children in a row) is
+then taken structurally, a BatchNorm directly followed by its activation (and a Conv2d) in it fused.
 An ``nn.SyncBatchNorm`` becomes the synchronized module (FusedSyncBNReLU / FusedSyncBNPReLU, its process group
-kept), with its activation only: FusedPreActConv2d has no synchronized version. Left alone, and reported: a
-BatchNorm whose output is also used elsewhere (its normalised output would be lost); a BatchNorm, PReLU or
-convolution module called at several places or held at several places in the model (its one set of parameters
-would become several); one with hooks or parametrizations (a hook would no longer run, a parametrization would
-be frozen into plain values: legacy ``spectral_norm``/``weight_norm`` are such hooks); a BatchNorm with
-``bias=False`` (the fused modules always have a bias).
+kept), with its activation only: FusedPreActConv2d has no synchronized version. A module called at several
+places is fused where each call is the same pair or chain; a ReLU module held at several places first gets a
+copy at each (it holds no state). Left alone, and reported: a BatchNorm whose output is also used elsewhere
+(its normalised output would be lost) or whose calls are followed by different activations; a BatchNorm, PReLU
+or convolution module held at several places in the model (its one set of parameters would become several), a
+PReLU also called after something else; one with hooks or parametrizations (a hook would no longer run, a
+parametrization would be frozen into plain values: legacy ``spectral_norm``/``weight_norm`` are such hooks); a
+BatchNorm with ``bias=False`` (the fused modules always have a bias).
 """
+import collections
 import copy
 import dataclasses
 import logging
@@ -65,6 +68,7 @@ def convert_model(model, inplace=False):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     model = model if inplace else _copy(model)
     report = ConversionReport()
+    _unshare_relus(model)
     _convert_traced(model, "", report, _shared(model))
     logger.info("%s", report)
     model.fusedrect_report = report
@@ -120,22 +124,42 @@ def _is_activation(module):
     return isinstance(module, (nn.ReLU, nn.PReLU)) and type(module).forward in (nn.ReLU.forward, nn.PReLU.forward)
 
 
+def _unshare_relus(model):
+    """Gives each further place that holds an nn.ReLU module held at several places its own copy (a ReLU holds no
+    state), so that each place can be fused, or become an nn.Identity, on its own; one with hooks stays shared."""
+    seen = set()
+    for parent in model.modules():
+        for name, child in parent._modules.items():
+            if type(child) is nn.ReLU and not _has_hooks(child):
+                if id(child) in seen:
+                    parent._modules[name] = copy.deepcopy(child)
+                seen.add(id(child))
+
+
 def _shared(model):
-    """The ids of the modules that ``model`` holds at several places (one object under several names)."""
-    seen, shared = set(), set()
-    for _, module in model.named_modules(remove_duplicate=False):
-        (shared if id(module) in seen else seen).add(id(module))
-    return shared
+    """The ids of the modules held in several places (slots of their containers). A container held at several
+    places shares its slots: a module swapped in one is swapped in all, so its children are not counted twice."""
+    slots = collections.Counter(id(child) for parent in model.modules() for child in parent._modules.values()
+                                if child is not None)
+    return {key for key, count in slots.items() if count > 1}
+
+
+# Hooks that fusing would drop: forward and backward ones, and those of the state_dict.
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+          "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def _has_hooks(module):
+    return any(getattr(module, hooks, None) for hooks in _HOOKS)
 
 
 def _obstacle(module, shared):
-    """Why ``module`` (a BatchNorm, PReLU or convolution to fuse) must stay as it is, else None. A ReLU may be
-    shared: it holds no state, and its other places keep it."""
-    if any((module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)):
+    """Why ``module`` (a BatchNorm, activation or convolution to fuse) must stay as it is, else None."""
+    if _has_hooks(module):
         return "has hooks"
     if parametrize.is_parametrized(module):
         return "has parametrizations"
-    if id(module) in shared and not isinstance(module, nn.ReLU):
+    if id(module) in shared:
         return "is held at several places in the model"
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine and module.bias is None:
         return "has no bias (bias=False)"
@@ -166,11 +190,11 @@ def _fuse(bn, act):
 
 
 def _chainable(bn, act, conv, shared):
-    """True when BatchNorm ``bn``, activation ``act`` and ``conv`` (a pair free of obstacles and a module) can
-    become one FusedPreActConv2d: the activation also held elsewhere would still run there, after the chain."""
+    """True when BatchNorm ``bn``, activation ``act`` (a pair free of obstacles) and ``conv`` can become one
+    FusedPreActConv2d."""
     if not (isinstance(bn, nn.BatchNorm2d) and type(conv) is nn.Conv2d and _fusable_activation(bn, act)):
         return False
-    if id(act) in shared or _obstacle(conv, shared) is not None:
+    if _obstacle(conv, shared) is not None:
         return False
     symmetric = not isinstance(conv.padding, str) or conv.padding == "valid" or all(
         d * (k - 1) % 2 == 0 for d, k in zip(conv.dilation, conv.kernel_size))
@@ -182,8 +206,8 @@ def _join(prefix, name):
 
 
 def _fuse_sequential(module, path, report, shared):
-    """Fuses the BatchNorm -> activation (-> Conv2d) runs among the children of ``module``, an nn.Sequential with
-    its own forward (which calls them in a row) that does not trace."""
+    """Fuses the BatchNorm -> activation (-> Conv2d) runs among the children of ``module``, an nn.Sequential that
+    does not trace, whose forward (nn.Sequential's) calls them in a row."""
     names = list(module._modules)
     i = 0
     while i + 1 < len(names):
@@ -249,56 +273,64 @@ def _replace(module, target, new):
 
 
 def _fuse_graph(module, graph, path, report, shared):
+    """Fuses each BatchNorm module every call of which feeds only the same activation (one module, or a
+    functional relu at each), with the convolution that each such activation call feeds alone where they chain.
+    A BatchNorm called at several places (a Sequential called twice, a block in a loop) is fused where every call
+    is such a pair or chain: the fused module then runs at each of them."""
     modules = dict(module.named_modules())
-    calls = {}
+    calls = collections.defaultdict(list)  # target -> its call_module nodes
     for node in graph.nodes:
         if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    for node in graph.nodes:
-        if node.op != "call_module" or not _is_batchnorm(modules.get(node.target)):
+            calls[node.target].append(node)
+    for target, bn_nodes in list(calls.items()):
+        bn = modules.get(target)
+        if not _is_batchnorm(bn):
             continue
-        bn = modules[node.target]
-        users = list(node.users)
-        act = _activation_of(users[0], modules) if len(users) == 1 else None
-        where = _join(path, node.target)
-        if act is None:
-            if any(_activation_of(u, modules) is not None for u in users):
+        where = _join(path, target)
+        act_nodes = [next(iter(node.users)) if len(node.users) == 1 else None for node in bn_nodes]
+        if any(node is None or _activation_of(node, modules) is None for node in act_nodes):
+            if any(_activation_of(user, modules) is not None for node in bn_nodes for user in node.users):
                 report.skipped.append((where, "its output is also used elsewhere"))
             continue
-        act_node = users[0]
-        act_calls = calls.get(act_node.target, 0) if act_node.op == "call_module" else 0
+        act = _activation_of(act_nodes[0], modules)
+        act_target = act_nodes[0].target if act_nodes[0].op == "call_module" else None
+        # every activation call is this module's (or a functional relu everywhere): one activation for the fusion
+        kinds = {node.target if node.op == "call_module" else None for node in act_nodes}
+        only_here = act_target is not None and len(calls[act_target]) == len(bn_nodes)  # all its calls are here
         obstacle = _pair_obstacle(bn, act, shared)
-        if calls[node.target] > 1:
-            report.skipped.append((where, "the BatchNorm module is called at several places"))
-        elif isinstance(act, nn.PReLU) and act_calls > 1:
-            report.skipped.append((where, f"the PReLU {act_node.target} is called at several places"))
+        if obstacle is not None:
+            report.skipped.append((where, obstacle))
+        elif len(kinds) > 1:
+            report.skipped.append((where, "its calls are followed by different activations"))
+        elif isinstance(act, nn.PReLU) and not only_here:
+            report.skipped.append((where, f"the PReLU {act_target} is also called elsewhere"))
         elif not _fusable_activation(bn, act):
             report.skipped.append((where, f"PReLU with {act.num_parameters} slopes for {bn.num_features} channels"))
-        elif obstacle is not None:
-            report.skipped.append((where, obstacle))
         else:
-            conv_node = _chained_conv(act_node, act_calls, calls, modules, bn, act, shared)
-            if conv_node is not None:
-                _replace(module, node.target, FusedPreActConv2d.from_modules(bn, act, modules[conv_node.target]))
-                _replace(module, act_node.target, nn.Identity())
-                _replace(module, conv_node.target, nn.Identity())
-                report.fused.append((where, _join(path, act_node.target), _join(path, conv_node.target)))
+            conv_target = _chained_conv(act_nodes, only_here, calls, modules, bn, act, shared)
+            if conv_target is not None:
+                _replace(module, target, FusedPreActConv2d.from_modules(bn, act, modules[conv_target]))
+                _replace(module, act_target, nn.Identity())
+                _replace(module, conv_target, nn.Identity())
+                report.fused.append((where, _join(path, act_target), _join(path, conv_target)))
                 continue
-            _replace(module, node.target, _fuse(bn, act))
-            if act_calls == 1:
-                _replace(module, act_node.target, nn.Identity())
-            report.fused.append((where, _join(path, act_node.target if act_node.op == "call_module"
-                                               else act_node.name)))
+            _replace(module, target, _fuse(bn, act))
+            if only_here:
+                _replace(module, act_target, nn.Identity())
+            report.fused.append((where, _join(path, act_target or act_nodes[0].name)))
 
 
-def _chained_conv(act_node, act_calls, calls, modules, bn, act, shared):
-    """The Conv2d node that a BatchNorm -> ``act_node`` pair feeds alone and that can join it, else None: the
-    activation and the convolution must be modules called only there (both become nn.Identity)."""
-    if act_node.op != "call_module" or act_calls != 1 or len(act_node.users) != 1:
+def _chained_conv(act_nodes, only_here, calls, modules, bn, act, shared):
+    """The Conv2d module that every call of a BatchNorm -> activation pair (``act_nodes``: its activation's
+    calls) feeds alone and that can join it, else None: the activation and the convolution must be modules called
+    only there (both become nn.Identity)."""
+    if not only_here or any(len(node.users) != 1 for node in act_nodes):
         return None
-    conv_node = next(iter(act_node.users))
-    if conv_node.op != "call_module" or calls.get(conv_node.target, 0) != 1:
+    conv_nodes = [next(iter(node.users)) for node in act_nodes]
+    target = conv_nodes[0].target
+    if any(node.op != "call_module" or node.target != target or len(node.args) != 1 or node.kwargs
+           for node in conv_nodes):
         return None
-    if len(conv_node.args) != 1 or conv_node.kwargs:
+    if len(calls[target]) != len(conv_nodes):
         return None
-    return conv_node if _chainable(bn, act, modules.get(conv_node.target), shared) else None
+    return target if _chainable(bn, act, modules.get(target), shared) else None

@@ -417,9 +417,9 @@ class _DataDependent(nn.Module):
 
 
 def test_modules_held_at_several_places_are_not_split():
-    """One BatchNorm, PReLU or convolution stays one set of parameters (and statistics): called at several
-    places (traced), or held at several (an alias, or an untraceable Sequential taken structurally). A ReLU,
-    stateless, is fused with where it is shared, but joins no chain (it would still run elsewhere)."""
+    """One BatchNorm, PReLU or convolution held at several places stays one set of parameters (and statistics):
+    traced, taken structurally (an untraceable Sequential), or through an alias. A ReLU, stateless, is copied to
+    each of its places, each then fused (chains too) on its own."""
     bn, prelu, conv, relu = nn.BatchNorm2d(3), nn.PReLU(3), nn.Conv2d(3, 3, 1), nn.ReLU()
     traced = nn.Sequential(nn.Sequential(bn, relu), nn.Conv2d(3, 3, 1), nn.Sequential(bn, relu),
                            nn.BatchNorm2d(3), prelu, nn.BatchNorm2d(3), prelu,
@@ -438,8 +438,8 @@ def test_modules_held_at_several_places_are_not_split():
             return self.act(self.same_bn(x))
 
     cases = [
-        (traced, [("7", "0.1"), ("11", "0.1")], ["called at several places"] * 4),
-        (structural, [("5", "6"), ("13", "14", "15")], ["held at several places"] * 4),
+        (traced, [("7", "8"), ("11", "12", "13")], ["held at several places"] * 3),
+        (structural, [("5", "6", "7"), ("13", "14", "15")], ["held at several places"] * 4),
         (Alias(), [], ["held at several places"]),
     ]
     for model, fused, reasons in cases:
@@ -497,3 +497,61 @@ def test_parametrized_batchnorm_is_left_alone():
     converted = fusedrect.convert_model(model)
     assert "has parametrizations" in _skip_reasons(converted)[0]
     torch.testing.assert_close(converted(x), model(x))
+
+
+def test_modules_called_or_held_through_several_paths_are_fused_once():
+    """A Sequential called twice (Siamese branches), a block in a loop, a container also held in a ModuleList
+    (an FPN's view of its backbone's stages), and one ReLU module at two places of a Sequential: the fused
+    module runs at every call, with one set of parameters and statistics; the Sequential's keys come back on
+    revert."""
+
+    class Siamese(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.branch = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 3, 1))
+
+        def forward(self, x):
+            return self.branch(x) - self.branch(x.flip(-1))
+
+    class Loop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Sequential(nn.BatchNorm2d(3), nn.PReLU(3), nn.Conv2d(3, 3, 1))
+
+        def forward(self, x):
+            for _ in range(3):
+                x = self.block(x)
+            return x
+
+    class Pyramid(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = nn.Sequential(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.ReLU()),
+                                          nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.ReLU()))
+            self.stages = nn.ModuleList(self.backbone)
+
+        def forward(self, x):
+            features = []
+            for stage in self.stages:
+                x = stage(x)
+                features.append(x)
+            return features[0].sum() + features[1]
+
+    relu = nn.ReLU()
+    shared_relu = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), relu, nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3),
+                                relu)
+    cases = [(Siamese(), [("branch.1", "branch.2", "branch.3")]), (Loop(), [("block.0", "block.1", "block.2")]),
+             (Pyramid(), [("backbone.0.1", "backbone.0.2"), ("backbone.1.1", "backbone.1.2")]),
+             (shared_relu, [("1", "2", "3"), ("4", "5")])]
+    for model, fused in cases:
+        original = randomize_state(model)
+        converted = fusedrect.convert_model(original)
+        assert converted.fusedrect_report.fused == fused and not converted.fusedrect_report.skipped
+        assert sum(p.numel() for p in converted.parameters()) == sum(p.numel() for p in original.parameters())
+        for _ in range(2):
+            assert_same_training_step(original, converted, torch.randn(2, 3, 4, 4))
+        bn = next(m for m in original.modules() if isinstance(m, nn.BatchNorm2d))
+        fused_bn = next(m for m in converted.modules() if isinstance(m, (FusedBNReLU, FusedBNPReLU, FusedPreActConv2d)))
+        torch.testing.assert_close(fused_bn.running_var, bn.running_var)
+        assert int(fused_bn.num_batches_tracked) == int(bn.num_batches_tracked)
+    assert list(fusedrect.revert_model(converted).state_dict()) == list(shared_relu.state_dict())
