@@ -90,14 +90,16 @@ def _block_start(block, BLOCK: tl.constexpr, INDEX_64: tl.constexpr):
 def _chan_merge(count, mean, m2, b_count, b_mean, b_m2):
     """Chan et al.: merge (b_count, b_mean, b_m2) into (count, mean, m2); counts may be 0. Where a mean is
     infinite (an infinite input) the weighted sum keeps it (inf, or NaN from inf and -inf, as PyTorch's sums)
-    where mean + delta * w would be inf - inf; the first merge (count 0) adds no delta^2 term, which would be
-    inf * 0 = NaN where delta^2 overflows (|x| > ~1e19 in fp32: the variance is then infinite, not NaN)."""
+    where mean + delta * w would be inf - inf. Merging with an empty side adds no delta^2 term, which would be
+    inf * 0 = NaN where delta^2 overflows (|x| > ~1e19 in fp32: the variance is then infinite, not NaN): delta
+    is zeroed, not the product, which keeps the term's fused multiply-add."""
     total = count + b_count
     safe = tl.maximum(total, 1.0)
     delta = b_mean - mean
     w = b_count / safe
     mean = tl.where(delta - delta == 0.0, mean + delta * w, mean * (count / safe) + b_mean * w)
-    m2 = m2 + b_m2 + tl.where(count > 0, delta * delta * (count * b_count / safe), 0.0)
+    spread = tl.where((count > 0) & (b_count > 0), delta, 0.0)
+    m2 = m2 + b_m2 + spread * spread * (count * b_count / safe)
     return total, mean, m2
 
 

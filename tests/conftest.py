@@ -112,25 +112,31 @@ def check_no_gradient_for_the_output(layer):
     assert all(p.grad is None for p in layer.parameters())
 
 
-def check_statistics_beyond_fp32(ops, layout, shape=(4, 4, 64, 64)):
-    """``ops.bn_stats`` and ``ops.bn_act_fwd_train`` as PyTorch's where fp32 runs out: |x| ~ 1e25, whose squares
-    overflow, gives an infinite variance (invstd 0, the output the bias through the ReLU), not NaN; a +inf in
-    channel 0 and a -inf in channel 1, in the last sample (partials before theirs merged first), give means of
-    +inf and -inf, the other channels' staying finite. ``ops``: torch.ops.fusedrect, or a backend's launchers."""
+def check_statistics_beyond_range(ops, layout, shape, dtype=torch.float32):
+    """``ops.bn_stats`` and ``ops.bn_act_fwd_train`` as PyTorch's where the dtype runs out: |x| ~ 1e25 in fp32
+    (1e200 in fp64), whose squares overflow, gives an infinite variance (invstd 0, the output the bias through
+    the ReLU), not NaN; a +inf in channel 0 and a -inf in channel 1, in the last sample (partials before theirs
+    merged first), give means of +inf and -inf, the other channels' staying finite. ``ops``:
+    torch.ops.fusedrect, or a backend's launchers."""
     channels = shape[1]
-    x = make_input(shape, layout, scale=1e25)
+    x = make_input(shape, layout, dtype, scale=1e25 if dtype == torch.float32 else 1e200)
     mean, var = ops.bn_stats(x)
     assert torch.isfinite(mean).all() and torch.isinf(var).all()
-    bias = torch.linspace(-1, 1, channels)
+    bias = torch.linspace(-1, 1, channels, dtype=dtype)
     y, _, invstd = ops.bn_act_fwd_train(x, None, bias, None, 1e-5)
-    assert torch.equal(invstd, torch.zeros(channels))
+    assert torch.equal(invstd, torch.zeros(channels, dtype=dtype))
     torch.testing.assert_close(y, bias.relu().view(1, channels, *[1] * (x.dim() - 2)).expand_as(y))
-    x = make_input(shape, layout)
+    x = make_input(shape, layout, dtype)
     last = (-1,) * (x.dim() - 2)
     x[(-1, 0, *last)] = float("inf")
     x[(-1, 1, *last)] = float("-inf")
     mean, _ = ops.bn_stats(x)
     assert mean[0] == float("inf") and mean[1] == float("-inf") and torch.isfinite(mean[2:]).all()
+
+
+# Shapes for check_statistics_beyond_range: one tile or block, several (merged after the infinite one), empty
+# lanes or iterations in the GPU kernels' merges (few elements per channel, or a long batch of 2 channels).
+RANGE_SHAPES = [(2, 3, 3, 3), (4, 4, 5, 5), (5, 2), (64, 4, 3, 3), (4, 4, 64, 64), (32800, 2)]
 
 
 def check_frozen_backward_of_non_finite_input(ops, layout, activation):

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
-from conftest import (ACTIVATIONS, LAYOUTS, check_frozen_backward_of_non_finite_input, check_statistics_beyond_fp32,
-                      make_input, make_params)
+from conftest import (ACTIVATIONS, LAYOUTS, RANGE_SHAPES, check_frozen_backward_of_non_finite_input,
+                      check_statistics_beyond_range, make_input, make_params)
 from fusedrect import reference
 from fusedrect.ops import _backend
 
@@ -157,9 +157,11 @@ def test_emulated_frozen_backward_of_non_finite_input(emulated, layout, activati
     check_frozen_backward_of_non_finite_input(emulated, layout, activation)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_emulated_statistics_beyond_fp32(emulated, layout):
-    check_statistics_beyond_fp32(emulated, layout)
+@pytest.mark.parametrize("shape", RANGE_SHAPES, ids=str)
+def test_emulated_statistics_beyond_range(emulated, shape, layout, dtype):
+    check_statistics_beyond_range(emulated, layout, shape, dtype)
 
 
 @pytest.mark.parametrize("stats, running", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import fusedrect
-from conftest import (ACTIVATIONS, LAYOUTS, check_frozen_backward_of_non_finite_input, check_statistics_beyond_fp32,
-                      fused_call, make_input, make_params)
+from conftest import (ACTIVATIONS, LAYOUTS, RANGE_SHAPES, check_frozen_backward_of_non_finite_input,
+                      check_statistics_beyond_range, fused_call, make_input, make_params)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -177,7 +177,8 @@ def test_fused_ops_equal_their_separate_halves_bitwise(shape, dtype, activation,
     assert torch.equal(grad_input, elemt)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape", [(4, 4, 64, 64), (64, 4, 3, 3), (4096, 4)], ids=str)
-def test_statistics_beyond_fp32(shape, layout):
-    check_statistics_beyond_fp32(torch.ops.fusedrect, layout, shape)
+@pytest.mark.parametrize("shape", RANGE_SHAPES, ids=str)
+def test_statistics_beyond_range(shape, layout, dtype):
+    check_statistics_beyond_range(torch.ops.fusedrect, layout, shape, dtype)

@@ -333,7 +333,10 @@ void batch_stats(const Geometry& geo, const scalar_t* x, const Store& store) {
         // An infinite mean so far or in the tile (an infinite input): the weighted sum, which keeps it (as
         // PyTorch's sums: inf, or NaN from inf and -inf), where mu + delta * a would be inf - inf.
         mu[c] = std::isfinite(delta) ? mu[c] + delta * a : mu[c] * (1 - a) + double(lm[c]) * a;
-        m2[c] += double(lm2[c]) + delta * delta * b;
+        // The first tile (n = 0, b = 0) adds no delta^2 term: inf * 0 = NaN where delta^2 overflows even fp64
+        // (|x| > ~1e154, fp64 inputs; the variance is then infinite, not NaN).
+        const double spread = n > 0 ? delta : 0.0;
+        m2[c] += double(lm2[c]) + spread * spread * b;
       }
       n = total;
     }

@@ -129,14 +129,16 @@ struct Welford {
   // Chan et al.: with delta = mean_b - mean and w = nb / (n + nb),
   //   mean += delta * w,  m2 += m2_b + delta^2 * n * w,  n += nb.
   // Where a mean is infinite (an infinite input) the weighted sum keeps it (inf, or NaN from inf and -inf, as
-  // PyTorch's sums) where mean + delta * w would be inf - inf; the first merge (n = 0) adds no delta^2 term,
-  // which would be inf * 0 = NaN where delta^2 overflows (|x| > ~1e19 in fp32: the variance is then infinite).
+  // PyTorch's sums) where mean + delta * w would be inf - inf. Merging with an empty side (n or nb 0) adds no
+  // delta^2 term, which would be inf * 0 = NaN where delta^2 overflows (|x| > ~1e19 in fp32: the variance is
+  // then infinite): delta is zeroed, not the product, which keeps the term's fused multiply-add.
   __device__ void merge(T nb, T mean_b, T m2_b) {
     const T total = n + nb;
     const T w = total > T(0) ? nb / total : T(0);
     const T delta = mean_b - mean;
     mean = std::isfinite(delta) ? mean + delta * w : mean * (T(1) - w) + mean_b * w;
-    m2 += m2_b + (n > T(0) ? delta * delta * n * w : T(0));
+    const T spread = n > T(0) && nb > T(0) ? delta : T(0);
+    m2 += m2_b + spread * spread * n * w;
     n = total;
   }
 
