@@ -134,8 +134,9 @@ def _update_running_stats(count, running_mean, running_var, mean, invstd, moment
     ``momentum`` may be a 0-dim tensor (the modules' cumulative average), which keeps the update free of host
     synchronisation under torch.compile. One op of the extension where it is built, else the reference's ATen ops,
     which torch.compile also traces (fusing them): the op's int count would make it specialise the graph on the
-    batch size, recompiling for each new one."""
-    if not _backend.compiled() or torch.compiler.is_compiling():
+    batch size, recompiling for each new one. Under a torch.func transform too, which refuses their in-place
+    update of a captured buffer before it changes anything (as nn.BatchNorm's), where the op would change it."""
+    if not _backend.compiled() or torch.compiler.is_compiling() or _backend.functorch_active():
         reference.update_running_stats(running_mean, running_var, mean, invstd, eps, count, momentum)
     elif count and running_mean is not None:  # both or neither (_validate)
         tensor = momentum if isinstance(momentum, torch.Tensor) else None

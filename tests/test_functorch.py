@@ -95,3 +95,23 @@ def test_functional_api_under_grad():
 
     assert_same_grads(grad(fused, argnums=(0, 1, 2))(weight, bias, slope),
                       grad(plain, argnums=(0, 1, 2))(weight, bias, slope))
+
+
+def test_memory_efficient_mode_under_grad_and_vmap():
+    fused = fusedrect.FusedBNPReLU(3, track_running_stats=False, memory_efficient=True)
+    plain = nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False), nn.PReLU(3))
+    batch = torch.randn(2, 4, 3, 5, 5)
+    per_sample = vmap(grad(loss(fused)), in_dims=(None, 0))(parameters(fused), batch)
+    assert_same_grads(per_sample.values(),
+                      vmap(grad(loss(plain)), in_dims=(None, 0))(parameters(plain), batch).values())
+
+
+def test_running_statistics_are_left_alone_where_a_transform_refuses_their_update():
+    """As for nn.BatchNorm2d: grad refuses the in-place update of a captured running buffer, before it changes."""
+    for module in pair("prelu", running=True):
+        module.train()
+        before = {name: b.clone() for name, b in module.named_buffers()}
+        with pytest.raises(RuntimeError, match="in-place operation"):
+            grad(loss(module))(parameters(module), torch.randn(4, 3, 5, 5))
+        for name, b in module.named_buffers():
+            assert torch.equal(b, before[name]), name

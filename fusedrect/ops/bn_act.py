@@ -226,6 +226,8 @@ class _MemoryEfficientTrain(torch.autograd.Function):
     """Training forward of BatchNorm + PReLU that saves the output y instead of the input x (InPlace-ABN's idea
     with a learnable slope): backward recovers x - mean from y by inverting the activation and the affine."""
 
+    generate_vmap_rule = True  # as the direct path's Functions: torch.func.vmap runs it over the batch dimension
+
     @staticmethod
     def forward(x, weight, bias, slope, eps, ops):
         return ops["bn_act_fwd_train"](x, weight, bias, slope, eps)
