@@ -19,9 +19,8 @@ import torch
 
 from fusedrect import reference
 from fusedrect.ops import _backend
-from fusedrect.ops.bn_act import _DirectEval as _DirectBNEval
-from fusedrect.ops.bn_act import (_like, _needed_grads, _ops_for, _stats_like, _through_dispatcher, direct_function,
-                                  dispatcher_ops, native_layout)
+from fusedrect.ops.bn_act import _DirectEval as _DirectBNEval, _like, _needed_grads, _ops_for, _stats_like
+from fusedrect.ops.bn_act import _through_dispatcher, direct_function, dispatcher_ops, native_layout
 
 aten = torch.ops.aten
 
