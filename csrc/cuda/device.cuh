@@ -136,8 +136,8 @@ struct Welford {
     const T total = n + nb;
     const T w = total > T(0) ? nb / total : T(0);
     const T delta = mean_b - mean;
-    mean = std::isfinite(delta) ? mean + delta * w : mean * (T(1) - w) + mean_b * w;
-    const T spread = n > T(0) && nb > T(0) ? delta : T(0);
+    mean = delta - delta == T(0) ? mean + delta * w : mean * (T(1) - w) + mean_b * w;  // delta finite or not
+    const T spread = n * w > T(0) ? delta : T(0);  // n > 0 and nb > 0
     m2 += m2_b + spread * spread * n * w;
     n = total;
   }
