@@ -172,19 +172,15 @@ if _backend.compiled():
             torch.library.register_kernel(f"fusedrect::{_name}", "cuda", _route)
 
 
-def direct_function(doc, run, setup, backward):
+def direct_function(doc, forward, setup, backward):
     """An autograd.Function for an implementation called outside the dispatcher, passed as its last input
-    ``impl``: forward ``run(impl, *args)``, ``setup(ctx, args, output, impl)``, and the op's registered
-    ``backward`` (None for ``impl``)."""
+    ``impl``: ``forward(*args, impl)`` (its parameters named one by one: torch.compile, tracing the Function
+    under a torch.func transform, took a ``*args`` forward's first input for the context), ``setup(ctx, args,
+    output, impl)``, and the op's registered ``backward`` (None for ``impl``)."""
 
     class Direct(torch.autograd.Function):
         __doc__ = doc
         generate_vmap_rule = True  # torch.func.vmap runs forward and backward over the batch dimension
-
-        @staticmethod
-        def forward(*args_and_impl):
-            *args, impl = args_and_impl
-            return run(impl, *args)
 
         @staticmethod
         def setup_context(ctx, inputs, output):
@@ -195,16 +191,24 @@ def direct_function(doc, run, setup, backward):
         def backward(ctx, *grads):
             return *backward(ctx, *grads), None
 
+    Direct.forward = staticmethod(forward)
     return Direct
+
+
+def _direct_train(x, weight, bias, slope, eps, ops):
+    return ops["bn_act_fwd_train"](x, weight, bias, slope, eps)
+
+
+def _direct_eval(x, mean, invstd, weight, bias, slope, ops):
+    return ops["bn_act_fwd_eval"](x, mean, invstd, weight, bias, slope)
 
 
 _DirectTrain = direct_function(
     "Training forward of the implementation ``ops`` (op name -> function) called outside the dispatcher.",
-    lambda ops, *args: ops["bn_act_fwd_train"](*args),
+    _direct_train,
     lambda ctx, inputs, output, ops: _train_setup(ctx, inputs, output, ops["bn_act_bwd"]), _train_backward)
 _DirectEval = direct_function(
-    "Eval forward of the implementation ``ops`` called outside the dispatcher.",
-    lambda ops, *args: ops["bn_act_fwd_eval"](*args),
+    "Eval forward of the implementation ``ops`` called outside the dispatcher.", _direct_eval,
     lambda ctx, inputs, output, ops: _eval_setup(ctx, inputs, output, ops["bn_act_bwd"]), _eval_backward)
 
 

@@ -181,13 +181,23 @@ if _backend.compiled():
     torch.library.register_autograd("fusedrect::preact_conv_bwd", _no_double_backward)
 
 
+def _direct_train(x, weight, bias, slope, eps, conv_weight, conv_bias, stride, padding, dilation, groups, impl):
+    return impl.fwd_train(x, weight, bias, slope, eps, conv_weight, conv_bias, stride, padding, dilation, groups)
+
+
+def _direct_eval(x, mean, invstd, weight, bias, slope, conv_weight, conv_bias, stride, padding, dilation, groups,
+                 impl):
+    return impl.fwd_eval(x, mean, invstd, weight, bias, slope, conv_weight, conv_bias, stride, padding, dilation,
+                         groups)
+
+
 _DirectTrain = direct_function(
-    "Training forward of an implementation called outside the dispatcher (Triton interpreted on CPU).",
-    lambda impl, *args: impl.fwd_train(*args),
+    "Training forward of an implementation called outside the dispatcher (Triton interpreted on CPU, or under a "
+    "torch.func transform).", _direct_train,
     lambda ctx, inputs, output, impl: _train_setup(ctx, inputs, output, impl.bwd), _train_backward)
 _DirectEval = direct_function(
-    "Eval forward of an implementation called outside the dispatcher (Triton interpreted on CPU).",
-    lambda impl, *args: impl.fwd_eval(*args),
+    "Eval forward of an implementation called outside the dispatcher (Triton interpreted on CPU, or under a "
+    "torch.func transform).", _direct_eval,
     lambda ctx, inputs, output, impl: _eval_setup(ctx, inputs, output, impl.bwd), _eval_backward)
 
 
