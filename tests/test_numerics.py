@@ -125,7 +125,9 @@ def run_training_step(x, params, grad_out):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", [(16, 24, 30, 30), (32, 40, 7, 7)], ids=str)  # NCHW: long runs, short runs
+# NCHW: long runs, short runs, and passes of more than 32 MiB, which run slab by slab with one or two threads and
+# over the whole input with three (20 channel blocks, fewer than 8 a thread: two_pass_plan in tiling.h)
+@pytest.mark.parametrize("shape", [(16, 24, 30, 30), (32, 40, 7, 7), (4, 20, 330, 330)], ids=str)
 def test_bitwise_deterministic(shape, layout, dtype):
     x = make_input(shape, layout, dtype, scale=3.0, shift=1.0)
     params = [t.float() for t in make_params(shape[1], "prelu")]
@@ -148,9 +150,10 @@ def test_bitwise_deterministic(shape, layout, dtype):
     "shape",
     # NCHW tiles of part of a plane, of whole planes of several samples, of several samples' runs of part of the
     # channels, channels-last with a partial vector of channels, one row per sample (S = 1), a single sample, and
-    # more than one tile row per channel in either layout
+    # more than one tile row per channel in either layout, and NCHW passes of more than 32 MiB (the fused ops slab
+    # by slab, their halves over the whole input)
     [(16, 24, 30, 30), (64, 8, 7, 7), (20, 400, 7, 7), (8, 40, 9, 11), (4096, 3), (4, 3, 300, 300),
-     (1, 20, 256, 256)],
+     (1, 20, 256, 256), (4, 20, 330, 330)],
     ids=str,
 )
 def test_fused_ops_equal_their_separate_halves_bitwise(shape, dtype, activation, layout):

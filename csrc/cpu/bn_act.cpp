@@ -46,19 +46,26 @@ enum Row : int64_t { kMean, kScale, kBeta, kSlope, kB, kD, kInvScale, kInvSlope,
 template <typename T>
 class ChannelTable {
  public:
-  // args.mean and args.invstd must be defined; a slope of 1 element is shared by every channel.
-  ChannelTable(int64_t C, const ChannelArgs& args)
-      : C_(ceil_div(C, kLineElems) * kLineElems), data_(kRows * C_ + kLineElems) {
+  // Every channel's rows from args (args.mean and args.invstd defined).
+  ChannelTable(int64_t C, const ChannelArgs& args) : ChannelTable(C) { fill(args, 0, C); }
+
+  // Rows to be filled channel range by range (the training forward's, as its statistics are merged).
+  explicit ChannelTable(int64_t C) : C_(ceil_div(C, kLineElems) * kLineElems), data_(kRows * C_ + kLineElems) {
     void* start = data_.data();
     size_t space = data_.size() * sizeof(T);
     base_ = static_cast<T*>(std::align(kLine, kRows * C_ * sizeof(T), start, space));
+  }
+
+  // The rows of channels [begin, end) from args (their mean and invstd defined there); a slope of 1 element is
+  // shared by every channel.
+  void fill(const ChannelArgs& args, int64_t begin, int64_t end) {
     const T* mu = args.mean.const_data_ptr<T>();
     const T* istd = args.invstd.const_data_ptr<T>();
     const T* w = args.weight.defined() ? args.weight.const_data_ptr<T>() : nullptr;
     const T* b = args.bias.defined() ? args.bias.const_data_ptr<T>() : nullptr;
     const T* a = args.slope.defined() ? args.slope.const_data_ptr<T>() : nullptr;
-    const bool shared = args.slope.defined() && args.slope.numel() == 1 && C != 1;
-    for (int64_t c = 0; c < C; ++c) {
+    const bool shared = args.slope.defined() && args.slope.numel() == 1;
+    for (int64_t c = begin; c < end; ++c) {
       row(kMean)[c] = mu[c];
       row(kScale)[c] = (w ? w[c] : T(1)) * istd[c];
       row(kBeta)[c] = b ? b[c] : T(0);
@@ -272,34 +279,43 @@ void shifted_stats(const Geometry& geo, const Tile& tile, const scalar_t* x, opm
 
 // Batch statistics: per tile, the local mean and sum of squared deviations from it (shifted_stats, or, for NCHW
 // tiles of long runs and tiles of too few samples, two passes over a tile that sits in cache, the second one
-// corrected), then Chan et al.'s pairwise merge of the tiles in a fixed order, in fp64. Calls store(c, mean_c,
-// var_c) with channel c's mean and biased variance, in fp64.
-template <typename scalar_t, typename Store>
-void batch_stats(const Geometry& geo, const scalar_t* x, const Store& store) {
+// corrected), then Chan et al.'s pairwise merge of the tiles in a fixed order, in fp64. `read_bytes` and
+// `pass_bytes` as two_pass_plan's: the training forward reads x twice, bn_stats once but tiles it alike.
+template <typename scalar_t>
+class BatchStats {
+ public:
   using T = opmath_t<scalar_t>;
-  using Vec = MathVec<scalar_t>;
-  const bool short_runs = !geo.channels_last && geo.S < kMinChannelElems;
-  const Tiling t = tiling_of(geo, short_runs ? kShiftedChannelElems : kMinChannelElems);
-  const int64_t C = geo.C;
-  const int64_t G = t.groups();
-  std::vector<T> partials(3 * G * C);
-  T* local_mean = partials.data();
-  T* local_m2 = local_mean + G * C;
-  T* local_dsum = local_m2 + G * C;  // scratch: sum of deviations from the tile's (rounded) mean
-  parallel_for_tiles(geo, t, [&](const Tile& tile) {
-    T* tile_mean = local_mean + tile.g * C;
-    T* tile_m2 = local_m2 + tile.g * C;
-    T* tile_dsum = local_dsum + tile.g * C;
-    if ((geo.channels_last || short_runs) && tile.n1 - tile.n0 >= kMinShiftedSamples) {
+
+  BatchStats(const Geometry& geo, const scalar_t* x, int64_t read_bytes, int64_t pass_bytes)
+      : geo_(geo),
+        x_(x),
+        short_runs_(!geo.channels_last && geo.S < kMinChannelElems),
+        plan_(two_pass_plan(geo, short_runs_ ? kShiftedChannelElems : kMinChannelElems, read_bytes, pass_bytes)),
+        G_(plan_.tiling.groups()),
+        partials_(3 * G_ * geo.C),
+        counts_(tile_counts(geo, plan_.tiling)) {}
+
+  const TwoPassPlan& plan() const { return plan_; }
+  int64_t finish_grain() const { return merge_grain(G_); }
+
+  // The tile's partials: its channels' local mean and m2.
+  void reduce(const Tile& tile) {
+    using Vec = MathVec<scalar_t>;
+    const int64_t C = geo_.C;
+    T* tile_mean = partials_.data() + tile.g * C;
+    T* tile_m2 = tile_mean + G_ * C;
+    T* tile_dsum = tile_m2 + G_ * C;  // scratch: sum of deviations from the tile's (rounded) mean
+    if ((geo_.channels_last || short_runs_) && tile.n1 - tile.n0 >= kMinShiftedSamples) {
       // A channels-last tile is an NCHW one of runs of one position (its s0 = 0, s1 = 1), its rows the samples.
-      shifted_stats(geo.channels_last ? Geometry{t.rows, C, 1, false} : geo, tile, x, tile_mean, tile_m2);
+      shifted_stats(geo_.channels_last ? Geometry{plan_.tiling.rows, C, 1, false} : geo_, tile, x_, tile_mean,
+                    tile_m2);
       return;
     }
-    reduce_tile<scalar_t, 0, 1, 1>(geo, tile, {x}, {}, {tile_mean},
+    reduce_tile<scalar_t, 0, 1, 1>(geo_, tile, {x_}, {}, {tile_mean},
                                    [](const auto&, const auto& X) { return std::array<Vec, 1>{X[0]}; });
     const T inv_count = T(1) / T(tile.count());
     for (int64_t c = tile.c0; c < tile.c1; ++c) tile_mean[c] *= inv_count;
-    reduce_tile<scalar_t, 1, 1, 2>(geo, tile, {x}, {tile_mean}, {tile_m2, tile_dsum},
+    reduce_tile<scalar_t, 1, 1, 2>(geo_, tile, {x_}, {tile_mean}, {tile_m2, tile_dsum},
                                    [](const auto& P, const auto& X) {
                                      const Vec d = X[0] - P[0];
                                      return std::array<Vec, 2>{d * d, d};
@@ -312,17 +328,22 @@ void batch_stats(const Geometry& geo, const scalar_t* x, const Store& store) {
       const T correction = tile_dsum[c] * inv_count * tile_dsum[c];
       if (std::isfinite(correction)) tile_m2[c] -= correction;
     }
-  });
-  // Chan's merge: with n elements merged so far and nb in tile row g (the same for every channel),
+  }
+
+  // Chan's merge of channels [begin, end) once all their tiles are reduced: with n elements merged so far and nb
+  // in tile row g (the same for every channel),
   //   delta = mean_g - mean,  mean += delta * nb / (n + nb),  m2 += m2_g + delta^2 * n * nb / (n + nb).
-  // Rows in order, channels innermost (contiguous, vectorised by the compiler), in fp64.
-  const std::vector<int64_t> counts = tile_counts(geo, t);
-  const double M = double(geo.per_channel());
-  at::parallel_for(0, C, merge_grain(G), [&](int64_t begin, int64_t end) {
+  // Rows in order, channels innermost (contiguous, vectorised by the compiler), in fp64. Calls store(c, mean_c,
+  // var_c) with channel c's mean and biased variance, in fp64.
+  template <typename Store>
+  void merge(int64_t begin, int64_t end, const Store& store) const {
+    const int64_t C = geo_.C;
+    const T* local_mean = partials_.data();
+    const T* local_m2 = local_mean + G_ * C;
     std::vector<double> mu(end - begin, 0.0), m2(end - begin, 0.0);
     double n = 0;
-    for (int64_t g = 0; g < G; ++g) {
-      const double nb = double(counts[g]);
+    for (int64_t g = 0; g < G_; ++g) {
+      const double nb = double(counts_[g]);
       const double total = n + nb;
       const double a = nb / total;
       const double b = n * nb / total;
@@ -340,177 +361,226 @@ void batch_stats(const Geometry& geo, const scalar_t* x, const Store& store) {
       }
       n = total;
     }
+    const double M = double(geo_.per_channel());
     for (int64_t c = begin; c < end; ++c) store(c, mu[c - begin], m2[c - begin] / M);
-  });
-}
+  }
 
-// y = act((x - mean) * scale + beta): the second pass of the training forward and the whole eval forward.
+ private:
+  Geometry geo_;
+  const scalar_t* x_;
+  bool short_runs_;
+  TwoPassPlan plan_;
+  int64_t G_;
+  std::vector<T> partials_;  // per (row g, channel): local mean, local m2, scratch
+  std::vector<int64_t> counts_;
+};
+
+// y = act((x - mean) * scale + beta) over one tile: the second pass of the training forward and the whole eval
+// forward.
 template <typename scalar_t, bool kPReLU>
-void apply_forward(const Geometry& geo, const scalar_t* x, const ChannelTable<opmath_t<scalar_t>>& table,
-                   scalar_t* y) {
-  using T = opmath_t<scalar_t>;
+void forward_tile(const Geometry& geo, const Tile& tile, const scalar_t* x,
+                  const ChannelTable<opmath_t<scalar_t>>& table, scalar_t* y) {
   using Vec = MathVec<scalar_t>;
-  ParamPtrs<T, kPReLU ? 4 : 3> params;
+  ParamPtrs<opmath_t<scalar_t>, kPReLU ? 4 : 3> params;
   params[0] = table.row(kMean);
   params[1] = table.row(kScale);
   params[2] = table.row(kBeta);
   if constexpr (kPReLU) params[3] = table.row(kSlope);
-  parallel_for_tiles(geo, tiling_of(geo), [&](const Tile& tile) {
-    map_tile<scalar_t>(geo, tile, std::array<const scalar_t*, 1>{x}, params, y,
-                       [](const auto& P, const auto& X) {
-                         const Vec z = (X[0] - P[0]) * P[1] + P[2];
-                         return activate(z, kPReLU ? &P.back() : nullptr);
-                       });
+  map_tile<scalar_t>(geo, tile, std::array<const scalar_t*, 1>{x}, params, y, [](const auto& P, const auto& X) {
+    const Vec z = (X[0] - P[0]) * P[1] + P[2];
+    return activate(z, kPReLU ? &P.back() : nullptr);
   });
 }
 
-// The reduce half of backward: (sum_dz, sum_dz_xhat, grad_slope) per channel, in T, from one pass over the
-// tiles and a fixed-order merge of their partials:
+// Bytes of an input-sized tensor.
+template <typename scalar_t>
+int64_t tensor_bytes(const Geometry& geo) {
+  return geo.per_channel() * geo.C * int64_t(sizeof(scalar_t));
+}
+
+// The reduce half of backward: (sum_dz, sum_dz_xhat, grad_slope) per channel, in T, from one pass over the tiles
+// and a fixed-order merge of their partials:
 //   sum_dz = sum dz = dbeta,  sum_dz_xhat = invstd * sum dz * (x - mean) = dgamma,  grad_slope = sum dy * min(z, 0)
 // (grad_slope of shape (0,) for ReLU). `input` is x, or the output y where kFromOutput (the memory-efficient
-// mode, PReLU only).
+// mode, PReLU only). Tiled as the whole backward (two_pass_plan: x and dy read twice, dx written), which the
+// elementwise half (bn_act_bwd_elemt) follows where it runs alone.
 template <typename scalar_t, bool kPReLU, bool kFromOutput = false>
-std::tuple<Tensor, Tensor, Tensor> backward_sums(const Geometry& geo, const Tensor& grad_out, const Tensor& input,
-                                                 const Tensor& invstd, const ChannelTable<opmath_t<scalar_t>>& table) {
+class BackwardSums {
+ public:
   using T = opmath_t<scalar_t>;
-  using Vec = MathVec<scalar_t>;
-  constexpr size_t K = kPReLU ? 3 : 2;
+  static constexpr size_t K = kPReLU ? 3 : 2;
   static_assert(kPReLU || !kFromOutput, "ReLU's output does not determine its input");
-  const int64_t C = geo.C;
-  const Tiling t = tiling_of(geo);
-  const int64_t G = t.groups();
-  const scalar_t* x = input.const_data_ptr<scalar_t>();
-  const scalar_t* dy = grad_out.const_data_ptr<scalar_t>();
-  const auto zparams = z_params<kPReLU, kFromOutput>(table);
+
+  BackwardSums(const Geometry& geo, const Tensor& grad_out, const Tensor& input, const Tensor& invstd,
+               const ChannelTable<T>& table)
+      : geo_(geo),
+        plan_(two_pass_plan(geo, kMinChannelElems, 2 * int64_t(sizeof(scalar_t)), 3 * tensor_bytes<scalar_t>(geo))),
+        G_(plan_.tiling.groups()),
+        x_(input.const_data_ptr<scalar_t>()),
+        dy_(grad_out.const_data_ptr<scalar_t>()),
+        zparams_(z_params<kPReLU, kFromOutput>(table)),
+        istd_(invstd.const_data_ptr<T>()),
+        partials_(K * G_ * geo.C),
+        sum_dz_(at::empty({geo.C}, invstd.options())),
+        sum_dz_xhat_(at::empty({geo.C}, invstd.options())),
+        grad_slope_(at::empty({kPReLU ? geo.C : 0}, invstd.options())),
+        dbeta_(sum_dz_.mutable_data_ptr<T>()),
+        dgamma_(sum_dz_xhat_.mutable_data_ptr<T>()),
+        dslope_(grad_slope_.mutable_data_ptr<T>()) {}
+
+  const TwoPassPlan& plan() const { return plan_; }
+  int64_t finish_grain() const { return merge_grain(G_); }
 
   // Per tile: sum dz, sum dz * (x - mean) and (PReLU) sum dy * min(z, 0).
-  std::vector<T> partials(K * G * C);
-  parallel_for_tiles(geo, t, [&](const Tile& tile) {
+  void reduce(const Tile& tile) {
+    using Vec = MathVec<scalar_t>;
     std::array<T*, K> acc;
-    for (size_t k = 0; k < K; ++k) acc[k] = partials.data() + (k * G + tile.g) * C;
-    reduce_tile<scalar_t>(geo, tile, std::array<const scalar_t*, 2>{x, dy}, zparams, acc,
+    for (size_t k = 0; k < K; ++k) acc[k] = partials_.data() + (k * G_ + tile.g) * geo_.C;
+    reduce_tile<scalar_t>(geo_, tile, std::array<const scalar_t*, 2>{x_, dy_}, zparams_, acc,
                           [](const auto& P, const auto& X) {
                             const auto [xc, z] = centred_and_z<kFromOutput, Vec>(P, X[0]);
                             const Vec dz = grad_z<kPReLU>(z, X[1], kPReLU ? &P.back() : nullptr);
-                            std::array<Vec, kPReLU ? 3 : 2> terms;
+                            std::array<Vec, K> terms;
                             terms[0] = dz;
                             terms[1] = dz * xc;
                             if constexpr (kPReLU) terms[2] = product_where_not_positive(z, X[1]);
                             return terms;
                           });
-  });
+  }
 
-  // Fixed-order merge of the partials, in fp64.
-  const auto options = invstd.options();
-  Tensor sum_dz = at::empty({C}, options);
-  Tensor sum_dz_xhat = at::empty({C}, options);
-  Tensor grad_slope = at::empty({kPReLU ? C : 0}, options);
-  T* dbeta = sum_dz.mutable_data_ptr<T>();
-  T* dgamma = sum_dz_xhat.mutable_data_ptr<T>();
-  T* dslope = grad_slope.mutable_data_ptr<T>();
-  const T* istd = invstd.const_data_ptr<T>();
-  at::parallel_for(0, C, merge_grain(G), [&](int64_t begin, int64_t end) {
+  // Fixed-order merge of channels [begin, end)'s partials, in fp64, once all their tiles are reduced.
+  void merge(int64_t begin, int64_t end) {
+    const int64_t C = geo_.C;
     std::vector<double> sums(K * (end - begin), 0.0);
     for (size_t k = 0; k < K; ++k) {
       double* s = sums.data() + k * (end - begin);
-      for (int64_t g = 0; g < G; ++g) {
-        const T* p = partials.data() + (k * G + g) * C + begin;
+      for (int64_t g = 0; g < G_; ++g) {
+        const T* p = partials_.data() + (k * G_ + g) * C + begin;
         for (int64_t c = 0; c < end - begin; ++c) s[c] += double(p[c]);
       }
     }
     for (int64_t c = begin; c < end; ++c) {
       const int64_t i = c - begin;
-      dbeta[c] = T(sums[i]);
-      dgamma[c] = T(sums[(end - begin) + i]) * istd[c];
-      if constexpr (kPReLU) dslope[c] = T(sums[2 * (end - begin) + i]);
+      dbeta_[c] = T(sums[i]);
+      dgamma_[c] = T(sums[(end - begin) + i]) * istd_[c];
+      if constexpr (kPReLU) dslope_[c] = T(sums[2 * (end - begin) + i]);
     }
-  });
-  return {sum_dz, sum_dz_xhat, grad_slope};
-}
+  }
 
-// The coefficients of dx = A * dz + B * (x - mean) + D: A = gamma * invstd (the table's scale) and, where batch
-// statistics over `count` elements per channel (on every rank together, for SyncBN) normalised x,
-// B = -A * invstd * sum_dz_xhat / count, D = -A * sum_dz / count into the table; with given statistics (sums
-// undefined) B = D = 0. Returns whether any B or D is nonzero.
+  // (sum_dz, sum_dz_xhat, grad_slope), merged.
+  std::tuple<Tensor, Tensor, Tensor> result() const { return {sum_dz_, sum_dz_xhat_, grad_slope_}; }
+
+ private:
+  Geometry geo_;
+  TwoPassPlan plan_;
+  int64_t G_;
+  const scalar_t* x_;
+  const scalar_t* dy_;
+  ParamPtrs<T, kPReLU ? 4 : 3> zparams_;
+  const T* istd_;
+  std::vector<T> partials_;  // per (term k, row g, channel)
+  Tensor sum_dz_, sum_dz_xhat_, grad_slope_;
+  T* dbeta_;  // their data
+  T* dgamma_;
+  T* dslope_;
+};
+
+// The coefficients of dx = A * dz + B * (x - mean) + D for channels [begin, end): A = gamma * invstd (the table's
+// scale) and, from batch statistics over `count` elements per channel (on every rank together, for SyncBN),
+// B = -A * invstd * sum_dz_xhat / count, D = -A * sum_dz / count into the table. Returns whether any B or D is
+// nonzero (zero sums, as frozen_input_grad passes for given statistics, make the terms vanish).
 template <typename T>
-bool dx_coefficients(ChannelTable<T>& table, int64_t C, const Tensor& invstd, const Tensor& sum_dz,
-                     const Tensor& sum_dz_xhat, int64_t count) {
-  const T* istd = invstd.const_data_ptr<T>();
-  const T* dbeta = sum_dz.defined() ? sum_dz.const_data_ptr<T>() : nullptr;
-  const T* dgamma = sum_dz_xhat.defined() ? sum_dz_xhat.const_data_ptr<T>() : nullptr;
+bool dx_coefficients(ChannelTable<T>& table, int64_t begin, int64_t end, const T* istd, const T* sum_dz,
+                     const T* sum_dz_xhat, int64_t count) {
   const T inv_count = T(1) / T(count);
   bool nonzero = false;
-  for (int64_t c = 0; c < C; ++c) {
+  for (int64_t c = begin; c < end; ++c) {
     const T A = table.row(kScale)[c];
-    table.row(kB)[c] = dgamma ? -A * istd[c] * dgamma[c] * inv_count : T(0);
-    table.row(kD)[c] = dbeta ? -A * dbeta[c] * inv_count : T(0);
+    table.row(kB)[c] = -A * istd[c] * sum_dz_xhat[c] * inv_count;
+    table.row(kD)[c] = -A * sum_dz[c] * inv_count;
     nonzero = nonzero || table.row(kB)[c] != T(0) || table.row(kD)[c] != T(0);
   }
   return nonzero;
 }
 
-// The elementwise half of backward: dx = A * dz + B * (x - mean) + D with the table's coefficients
-// (dx_coefficients), in the input's dtype and layout; written into `dx_out` where defined (it may be grad_out
-// itself: each element is read before it is written), else into a new tensor. Without batch terms (B = D = 0
-// in every channel: given statistics) dx = A * dz, so an infinite x gives PyTorch's finite gradient, not inf * 0.
-template <typename scalar_t, bool kPReLU, bool kFromOutput = false>
-Tensor grad_input(const Geometry& geo, const Tensor& grad_out, const Tensor& input,
-                  const ChannelTable<opmath_t<scalar_t>>& table, bool batch_terms, const Tensor& dx_out = Tensor()) {
-  using T = opmath_t<scalar_t>;
+// The elementwise half of backward over one tile: dx = A * dz + B * (x - mean) + D with the table's coefficients
+// (dx_coefficients), in the input's dtype and layout, into dx (which may be grad_out itself: each element is read
+// before it is written). Without batch terms (given statistics) dx = A * dz, so an infinite x gives PyTorch's
+// finite gradient, not inf * 0. With them, the whole backward's (batch statistics), which knows no channel's
+// sums before it walks the first (two_passes, slab by slab), takes every channel's B and D as they are, zero or
+// not (a zero adds nothing but the sign of a zero); the elementwise half alone, given every sum, drops them
+// where all are zero.
+template <typename scalar_t, bool kPReLU, bool kFromOutput, bool kBatchTerms>
+void grad_input_tile(const Geometry& geo, const Tile& tile, const scalar_t* x, const scalar_t* dy,
+                     const ChannelTable<opmath_t<scalar_t>>& table, scalar_t* dx) {
   using Vec = MathVec<scalar_t>;
-  const scalar_t* x = input.const_data_ptr<scalar_t>();
-  const scalar_t* dy = grad_out.const_data_ptr<scalar_t>();
-  Tensor grad = dx_out.defined() ? dx_out : empty_like_recycled(input);
-  scalar_t* dx = grad.mutable_data_ptr<scalar_t>();
-  auto run = [&](auto with_batch_terms) {
-    constexpr bool kBatchTerms = decltype(with_batch_terms)::value;
-    // Rows: z's three (z_params), A where those do not hold it (kFromOutput), B and D, the slope last.
-    constexpr size_t iA = kFromOutput ? 3 : 1;
-    constexpr size_t iB = kFromOutput ? 4 : 3;
-    ParamPtrs<T, 3 + kFromOutput + 2 * kBatchTerms + kPReLU> params;
-    const auto zparams = z_params<kPReLU, kFromOutput>(table);
-    std::copy(zparams.begin(), zparams.begin() + 3, params.begin());
-    if constexpr (kFromOutput) params[iA] = table.row(kScale);
-    if constexpr (kBatchTerms) {
-      params[iB] = table.row(kB);
-      params[iB + 1] = table.row(kD);
-    }
-    if constexpr (kPReLU) params.back() = table.row(kSlope);
-    parallel_for_tiles(geo, tiling_of(geo), [&](const Tile& tile) {
-      map_tile<scalar_t>(geo, tile, std::array<const scalar_t*, 2>{x, dy}, params, dx,
-                         [](const auto& P, const auto& X) {
-                           const auto [xc, z] = centred_and_z<kFromOutput, Vec>(P, X[0]);
-                           const Vec dz = grad_z<kPReLU>(z, X[1], kPReLU ? &P.back() : nullptr);
-                           if constexpr (kBatchTerms) {
-                             return P[iA] * dz + P[iB] * xc + P[iB + 1];
-                           } else {
-                             return P[iA] * dz;
-                           }
-                         });
-    });
-  };
-  if (batch_terms) {
-    run(std::true_type{});
-  } else {
-    run(std::false_type{});
+  // Rows: z's three (z_params), A where those do not hold it (kFromOutput), B and D, the slope last.
+  constexpr size_t iA = kFromOutput ? 3 : 1;
+  constexpr size_t iB = kFromOutput ? 4 : 3;
+  ParamPtrs<opmath_t<scalar_t>, 3 + kFromOutput + 2 * kBatchTerms + kPReLU> params;
+  const auto zparams = z_params<kPReLU, kFromOutput>(table);
+  std::copy(zparams.begin(), zparams.begin() + 3, params.begin());
+  if constexpr (kFromOutput) params[iA] = table.row(kScale);
+  if constexpr (kBatchTerms) {
+    params[iB] = table.row(kB);
+    params[iB + 1] = table.row(kD);
   }
-  return grad;
+  if constexpr (kPReLU) params.back() = table.row(kSlope);
+  map_tile<scalar_t>(geo, tile, std::array<const scalar_t*, 2>{x, dy}, params, dx,
+                     [](const auto& P, const auto& X) {
+                       const auto [xc, z] = centred_and_z<kFromOutput, Vec>(P, X[0]);
+                       const Vec dz = grad_z<kPReLU>(z, X[1], kPReLU ? &P.back() : nullptr);
+                       if constexpr (kBatchTerms) {
+                         return P[iA] * dz + P[iB] * xc + P[iB + 1];
+                       } else {
+                         return P[iA] * dz;
+                       }
+                     });
 }
 
-// Whole backward, the two halves in a row: (grad_input, grad_weight, grad_bias, grad_slope), per-channel
-// gradients of dtype T. batch_stats: mean and invstd were computed from this input's M elements. dx_out: as
-// in grad_input.
+// Calls f(std::bool_constant<b>{}).
+template <typename F>
+void with_bool(bool b, const F& f) {
+  if (b) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// Whole backward, the two halves (two_passes): (grad_input, grad_weight, grad_bias, grad_slope), per-channel
+// gradients of dtype T. batch_stats: mean and invstd were computed from this input's M elements. dx_out: where
+// defined, dx is written there (grad_out itself, or a tensor overlapping neither input), else into a new tensor.
 template <typename scalar_t, bool kPReLU, bool kFromOutput = false>
 std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Geometry& geo, const Tensor& grad_out,
                                                     const Tensor& input, const Tensor& invstd,
                                                     ChannelTable<opmath_t<scalar_t>>& table, bool batch_stats,
                                                     const Tensor& dx_out = Tensor()) {
-  auto [sum_dz, sum_dz_xhat, grad_slope] =
-      backward_sums<scalar_t, kPReLU, kFromOutput>(geo, grad_out, input, invstd, table);
-  const bool batch_terms = dx_coefficients(table, geo.C, invstd, batch_stats ? sum_dz : Tensor(),
-                                           batch_stats ? sum_dz_xhat : Tensor(), geo.per_channel());
-  Tensor dx = grad_input<scalar_t, kPReLU, kFromOutput>(geo, grad_out, input, table, batch_terms, dx_out);
-  return {dx, sum_dz_xhat, sum_dz, grad_slope};
+  using T = opmath_t<scalar_t>;
+  BackwardSums<scalar_t, kPReLU, kFromOutput> sums(geo, grad_out, input, invstd, table);
+  Tensor sum_dz, sum_dz_xhat, grad_slope;
+  std::tie(sum_dz, sum_dz_xhat, grad_slope) = sums.result();
+  Tensor grad = dx_out.defined() ? dx_out : empty_like_recycled(input);
+  const scalar_t* x = input.const_data_ptr<scalar_t>();
+  const scalar_t* dy = grad_out.const_data_ptr<scalar_t>();
+  scalar_t* dx = grad.mutable_data_ptr<scalar_t>();
+  const T* istd = invstd.const_data_ptr<T>();
+  const T* dbeta = sum_dz.const_data_ptr<T>();
+  const T* dgamma = sum_dz_xhat.const_data_ptr<T>();
+  with_bool(batch_stats, [&](auto batch_terms) {
+    two_passes(
+        geo, sums.plan(), sums.finish_grain(), tiling_of(geo), [&](const Tile& tile) { sums.reduce(tile); },
+        [&](int64_t begin, int64_t end) {
+          sums.merge(begin, end);
+          if constexpr (decltype(batch_terms)::value) {
+            dx_coefficients(table, begin, end, istd, dbeta, dgamma, geo.per_channel());
+          }
+        },
+        [&](const Tile& tile) {
+          grad_input_tile<scalar_t, kPReLU, kFromOutput, decltype(batch_terms)::value>(geo, tile, x, dy, table, dx);
+        });
+  });
+  return {grad, sum_dz_xhat, sum_dz, grad_slope};
 }
 
 // Calls f(scalar_t{}, std::bool_constant<prelu>{}) for the input dtype and the activation.
@@ -560,13 +630,20 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_fwd_train(const Tensor& input, const s
     using T = opmath_t<scalar_t>;
     T* mean = args.mean.mutable_data_ptr<T>();
     T* invstd = args.invstd.mutable_data_ptr<T>();
-    batch_stats(geo, input.const_data_ptr<scalar_t>(), [&](int64_t c, double mu, double var) {
-      mean[c] = T(mu);
-      invstd[c] = T(1.0 / std::sqrt(var + eps));
-    });
-    const ChannelTable<opmath_t<scalar_t>> table(C, args);
-    apply_forward<scalar_t, decltype(prelu)::value>(geo, input.const_data_ptr<scalar_t>(), table,
-                                                    out.mutable_data_ptr<scalar_t>());
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    scalar_t* y = out.mutable_data_ptr<scalar_t>();
+    BatchStats<scalar_t> stats(geo, x, sizeof(scalar_t), 2 * tensor_bytes<scalar_t>(geo));
+    ChannelTable<T> table(C);
+    two_passes(
+        geo, stats.plan(), stats.finish_grain(), tiling_of(geo), [&](const Tile& tile) { stats.reduce(tile); },
+        [&](int64_t begin, int64_t end) {
+          stats.merge(begin, end, [&](int64_t c, double mu, double var) {
+            mean[c] = T(mu);
+            invstd[c] = T(1.0 / std::sqrt(var + eps));
+          });
+          table.fill(args, begin, end);
+        },
+        [&](const Tile& tile) { forward_tile<scalar_t, decltype(prelu)::value>(geo, tile, x, table, y); });
   });
   return {out, args.mean, args.invstd};
 }
@@ -582,8 +659,11 @@ Tensor bn_act_fwd_eval(const Tensor& input, const Tensor& mean, const Tensor& in
   dispatch(input, args.slope.defined(), [&](auto scalar, auto prelu) {
     using scalar_t = decltype(scalar);
     const ChannelTable<opmath_t<scalar_t>> table(C, args);
-    apply_forward<scalar_t, decltype(prelu)::value>(geo, input.const_data_ptr<scalar_t>(), table,
-                                                    out.mutable_data_ptr<scalar_t>());
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    scalar_t* y = out.mutable_data_ptr<scalar_t>();
+    parallel_for_tiles(geo, tiling_of(geo), [&](const Tile& tile) {
+      forward_tile<scalar_t, decltype(prelu)::value>(geo, tile, x, table, y);
+    });
   });
   return out;
 }
@@ -657,9 +737,15 @@ std::tuple<Tensor, Tensor> bn_stats(const Tensor& input) {
     using T = opmath_t<scalar_t>;
     T* mean_out = mean.mutable_data_ptr<T>();
     T* var_out = var.mutable_data_ptr<T>();
-    batch_stats(geo, input.const_data_ptr<scalar_t>(), [&](int64_t c, double mu, double v) {
-      mean_out[c] = T(mu);
-      var_out[c] = T(v);
+    // Tiled as the training forward's statistics, so that they are the same bits.
+    BatchStats<scalar_t> stats(geo, input.const_data_ptr<scalar_t>(), sizeof(scalar_t),
+                               2 * tensor_bytes<scalar_t>(geo));
+    parallel_for_tiles(geo, stats.plan().tiling, [&](const Tile& tile) { stats.reduce(tile); });
+    at::parallel_for(0, geo.C, stats.finish_grain(), [&](int64_t begin, int64_t end) {
+      stats.merge(begin, end, [&](int64_t c, double mu, double v) {
+        mean_out[c] = T(mu);
+        var_out[c] = T(v);
+      });
     });
   });
   return {mean, var};
@@ -679,7 +765,11 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_bwd_reduce(const Tensor& grad_out, con
   dispatch(input, args.slope.defined(), [&](auto scalar, auto prelu) {
     using scalar_t = decltype(scalar);
     const ChannelTable<opmath_t<scalar_t>> table(C, args);
-    sums = backward_sums<scalar_t, decltype(prelu)::value>(geo, grad_out, input, args.invstd, table);
+    BackwardSums<scalar_t, decltype(prelu)::value> reduction(geo, grad_out, input, args.invstd, table);
+    parallel_for_tiles(geo, reduction.plan().tiling, [&](const Tile& tile) { reduction.reduce(tile); });
+    at::parallel_for(0, C, reduction.finish_grain(),
+                     [&](int64_t begin, int64_t end) { reduction.merge(begin, end); });
+    sums = reduction.result();
   });
   return sums;
 }
@@ -701,9 +791,20 @@ Tensor bn_act_bwd_elemt(const Tensor& grad_out, const Tensor& input, const Tenso
   Tensor dx;
   dispatch(input, args.slope.defined(), [&](auto scalar, auto prelu) {
     using scalar_t = decltype(scalar);
-    ChannelTable<opmath_t<scalar_t>> table(C, args);
-    const bool batch_terms = dx_coefficients(table, C, args.invstd, dz_sum, dz_xhat_sum, count);
-    dx = grad_input<scalar_t, decltype(prelu)::value>(geo, grad_out, input, table, batch_terms);
+    using T = opmath_t<scalar_t>;
+    ChannelTable<T> table(C, args);
+    const bool batch_terms = dx_coefficients(table, 0, C, args.invstd.const_data_ptr<T>(),
+                                             dz_sum.const_data_ptr<T>(), dz_xhat_sum.const_data_ptr<T>(), count);
+    dx = empty_like_recycled(input);
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    const scalar_t* dy = grad_out.const_data_ptr<scalar_t>();
+    scalar_t* out = dx.mutable_data_ptr<scalar_t>();
+    with_bool(batch_terms, [&](auto terms) {
+      parallel_for_tiles(geo, tiling_of(geo), [&](const Tile& tile) {
+        grad_input_tile<scalar_t, decltype(prelu)::value, false, decltype(terms)::value>(geo, tile, x, dy, table,
+                                                                                         out);
+      });
+    });
   });
   return dx;
 }
