@@ -493,7 +493,8 @@ void reduce_tile(const Geometry& geo, const Tile& tile, const std::array<const s
 // walks alternated in one process: the backward of 32x64x56x56, 64x64x56x56, 32x128x56x56, 128x64x56x56,
 // 16x64x112x112, 32x256x28x28 and 64x512x14x14 took 0.73-0.85x the time, the training forward 0.83-0.97x
 // (128x512x7x7: 0.94x and 0.98x). Smaller inputs keep the whole-input walk, whose second pass reads L3: slab by
-// slab, 32x256x14x14's and 32x512x7x7's passes took 0.96-1.2x the time (caches flushed) and 0.99-1.01x (not).
+// slab, 32x128x28x28's, 32x256x14x14's and 32x512x7x7's passes took 0.95-1.04x the time (caches flushed; 40
+// pairs) and 0.98-1.01x (not).
 // Channels-last inputs too: there a slab of a few channels is a line or two of every row, and 32x64x56x56's
 // backward took 1.25x the time (slabs of 16 channels).
 // A slab's tiles hold at most about kSlabBytes of the inputs that both passes read, where one channel allows
