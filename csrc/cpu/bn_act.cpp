@@ -587,11 +587,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Geometry& geo, const T
 template <typename F>
 void dispatch(const Tensor& input, bool prelu, const F& f) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "fusedrect::bn_act", [&] {
-    if (prelu) {
-      f(scalar_t{}, std::true_type{});
-    } else {
-      f(scalar_t{}, std::false_type{});
-    }
+    with_bool(prelu, [&](auto activation) { f(scalar_t{}, activation); });
   });
 }
 
@@ -740,13 +736,14 @@ std::tuple<Tensor, Tensor> bn_stats(const Tensor& input) {
     // Tiled as the training forward's statistics, so that they are the same bits.
     BatchStats<scalar_t> stats(geo, input.const_data_ptr<scalar_t>(), sizeof(scalar_t),
                                2 * tensor_bytes<scalar_t>(geo));
-    parallel_for_tiles(geo, stats.plan().tiling, [&](const Tile& tile) { stats.reduce(tile); });
-    at::parallel_for(0, geo.C, stats.finish_grain(), [&](int64_t begin, int64_t end) {
-      stats.merge(begin, end, [&](int64_t c, double mu, double v) {
-        mean_out[c] = T(mu);
-        var_out[c] = T(v);
-      });
-    });
+    reduce_whole(
+        geo, stats.plan().tiling, stats.finish_grain(), [&](const Tile& tile) { stats.reduce(tile); },
+        [&](int64_t begin, int64_t end) {
+          stats.merge(begin, end, [&](int64_t c, double mu, double v) {
+            mean_out[c] = T(mu);
+            var_out[c] = T(v);
+          });
+        });
   });
   return {mean, var};
 }
@@ -766,9 +763,9 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_bwd_reduce(const Tensor& grad_out, con
     using scalar_t = decltype(scalar);
     const ChannelTable<opmath_t<scalar_t>> table(C, args);
     BackwardSums<scalar_t, decltype(prelu)::value> reduction(geo, grad_out, input, args.invstd, table);
-    parallel_for_tiles(geo, reduction.plan().tiling, [&](const Tile& tile) { reduction.reduce(tile); });
-    at::parallel_for(0, C, reduction.finish_grain(),
-                     [&](int64_t begin, int64_t end) { reduction.merge(begin, end); });
+    reduce_whole(
+        geo, reduction.plan().tiling, reduction.finish_grain(), [&](const Tile& tile) { reduction.reduce(tile); },
+        [&](int64_t begin, int64_t end) { reduction.merge(begin, end); });
     sums = reduction.result();
   });
   return sums;

@@ -520,6 +520,16 @@ inline TwoPassPlan two_pass_plan(const Geometry& geo, int64_t reduce_elems, int6
   return {t, large && t.c_blocks >= kSlabsPerThread * at::get_num_threads()};
 }
 
+// Runs reduce(tile) over every tile of t, then finish(c0, c1) over ranges of the channels of at least finish_grain
+// channels: a reduction over the whole input (the first half of two_passes' whole-input walk, and the separate
+// reduce ops).
+template <typename Reduce, typename Finish>
+void reduce_whole(const Geometry& geo, const Tiling& t, int64_t finish_grain, const Reduce& reduce,
+                  const Finish& finish) {
+  parallel_for_tiles(geo, t, reduce);
+  at::parallel_for(0, geo.C, finish_grain, finish);
+}
+
 // Runs a two-pass op: reduce(tile) over every tile of plan.tiling, finish(c0, c1) for the channels [c0, c1) once
 // all their tiles are reduced, then apply(tile) over the input (elementwise: any tiling serves). Slab by slab where
 // plan.slabs: each thread a channel block at a time, apply over the block's tiles of plan.tiling in reverse order
@@ -531,8 +541,7 @@ void two_passes(const Geometry& geo, const TwoPassPlan& plan, int64_t finish_gra
                 const Reduce& reduce, const Finish& finish, const Apply& apply) {
   const Tiling& t = plan.tiling;
   if (!plan.slabs) {
-    parallel_for_tiles(geo, t, reduce);
-    at::parallel_for(0, geo.C, finish_grain, finish);
+    reduce_whole(geo, t, finish_grain, reduce, finish);
     parallel_for_tiles(geo, apply_tiling, apply);
     return;
   }
