@@ -279,18 +279,25 @@ void shifted_stats(const Geometry& geo, const Tile& tile, const scalar_t* x, opm
 
 // Batch statistics: per tile, the local mean and sum of squared deviations from it (shifted_stats, or, for NCHW
 // tiles of long runs and tiles of too few samples, two passes over a tile that sits in cache, the second one
-// corrected), then Chan et al.'s pairwise merge of the tiles in a fixed order, in fp64. `read_bytes` and
-// `pass_bytes` as two_pass_plan's: the training forward reads x twice, bn_stats once but tiles it alike.
+// Bytes of an input-sized tensor.
+template <typename scalar_t>
+int64_t tensor_bytes(const Geometry& geo) {
+  return geo.per_channel() * geo.C * int64_t(sizeof(scalar_t));
+}
+
+// corrected), then Chan et al.'s pairwise merge of the tiles in a fixed order, in fp64. Tiled as the training
+// forward (two_pass_plan: x read twice, y written), which bn_stats follows where it runs alone.
 template <typename scalar_t>
 class BatchStats {
  public:
   using T = opmath_t<scalar_t>;
 
-  BatchStats(const Geometry& geo, const scalar_t* x, int64_t read_bytes, int64_t pass_bytes)
+  BatchStats(const Geometry& geo, const scalar_t* x)
       : geo_(geo),
         x_(x),
         short_runs_(!geo.channels_last && geo.S < kMinChannelElems),
-        plan_(two_pass_plan(geo, short_runs_ ? kShiftedChannelElems : kMinChannelElems, read_bytes, pass_bytes)),
+        plan_(two_pass_plan(geo, short_runs_ ? kShiftedChannelElems : kMinChannelElems, sizeof(scalar_t),
+                            2 * tensor_bytes<scalar_t>(geo))),
         G_(plan_.tiling.groups()),
         partials_(3 * G_ * geo.C),
         counts_(tile_counts(geo, plan_.tiling)) {}
@@ -390,12 +397,6 @@ void forward_tile(const Geometry& geo, const Tile& tile, const scalar_t* x,
     const Vec z = (X[0] - P[0]) * P[1] + P[2];
     return activate(z, kPReLU ? &P.back() : nullptr);
   });
-}
-
-// Bytes of an input-sized tensor.
-template <typename scalar_t>
-int64_t tensor_bytes(const Geometry& geo) {
-  return geo.per_channel() * geo.C * int64_t(sizeof(scalar_t));
 }
 
 // The reduce half of backward: (sum_dz, sum_dz_xhat, grad_slope) per channel, in T, from one pass over the tiles
@@ -628,7 +629,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_fwd_train(const Tensor& input, const s
     T* invstd = args.invstd.mutable_data_ptr<T>();
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     scalar_t* y = out.mutable_data_ptr<scalar_t>();
-    BatchStats<scalar_t> stats(geo, x, sizeof(scalar_t), 2 * tensor_bytes<scalar_t>(geo));
+    BatchStats<scalar_t> stats(geo, x);
     ChannelTable<T> table(C);
     two_passes(
         geo, stats.plan(), stats.finish_grain(), tiling_of(geo), [&](const Tile& tile) { stats.reduce(tile); },
@@ -733,9 +734,7 @@ std::tuple<Tensor, Tensor> bn_stats(const Tensor& input) {
     using T = opmath_t<scalar_t>;
     T* mean_out = mean.mutable_data_ptr<T>();
     T* var_out = var.mutable_data_ptr<T>();
-    // Tiled as the training forward's statistics, so that they are the same bits.
-    BatchStats<scalar_t> stats(geo, input.const_data_ptr<scalar_t>(), sizeof(scalar_t),
-                               2 * tensor_bytes<scalar_t>(geo));
+    BatchStats<scalar_t> stats(geo, input.const_data_ptr<scalar_t>());  // the training forward's tiles: same bits
     reduce_whole(
         geo, stats.plan().tiling, stats.finish_grain(), [&](const Tile& tile) { stats.reduce(tile); },
         [&](int64_t begin, int64_t end) {
