@@ -277,14 +277,14 @@ void shifted_stats(const Geometry& geo, const Tile& tile, const scalar_t* x, opm
   }
 }
 
-// Batch statistics: per tile, the local mean and sum of squared deviations from it (shifted_stats, or, for NCHW
-// tiles of long runs and tiles of too few samples, two passes over a tile that sits in cache, the second one
 // Bytes of an input-sized tensor.
 template <typename scalar_t>
 int64_t tensor_bytes(const Geometry& geo) {
   return geo.per_channel() * geo.C * int64_t(sizeof(scalar_t));
 }
 
+// Batch statistics: per tile, the local mean and sum of squared deviations from it (shifted_stats, or, for NCHW
+// tiles of long runs and tiles of too few samples, two passes over a tile that sits in cache, the second one
 // corrected), then Chan et al.'s pairwise merge of the tiles in a fixed order, in fp64. Tiled as the training
 // forward (two_pass_plan: x read twice, y written), which bn_stats follows where it runs alone.
 template <typename scalar_t>
