@@ -31,7 +31,8 @@ bench: build
 		--plot benchmarks/results/bn_prelu_$(DEVICE).png
 	$(if $(filter cpu,$(DEVICE)),$(PY) benchmarks/bench_buffer_cache.py --json benchmarks/results/buffer_cache_cpu.json)
 
-# The experiments that reproduce the papers' claims: figures and JSON in docs/figures/ (a few minutes each).
+# The experiments that reproduce the papers' claims: figures and JSON in docs/figures/ (one to two minutes each
+# on a 2-core CPU).
 experiments: build
 	for script in prelu_cost he_init_depth learned_slopes preact_gradient_flow; do \
 		$(PY) examples/$$script.py || exit 1; \

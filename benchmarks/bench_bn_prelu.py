@@ -6,7 +6,8 @@ eager and over compile, and the bytes each provider saves for backward. On a GPU
 provider's step (and the copy) replayed from a CUDA graph: the device's work alone, without the host's time
 to issue it, which decides a single layer's time at these sizes otherwise. Example:
 
-    python benchmarks/bench_bn_prelu.py --json benchmarks/results/cpu.json --plot benchmarks/results/cpu.png
+    python benchmarks/bench_bn_prelu.py --json benchmarks/results/bn_prelu_cpu.json \
+        --plot benchmarks/results/bn_prelu_cpu.png
 """
 import argparse
 import copy

@@ -97,7 +97,8 @@ def convert_sync_batchnorm(model, process_group=None):
     objects (an optimizer built before still holds them); train/eval state and backend are kept. Modules that are
     already synchronized get ``process_group``.
 
-    Run fusedrect.convert_model first: it leaves nn.SyncBatchNorm unfused. A FusedPreActConv2d has no synchronized
+    fusedrect.convert_model fuses nn.SyncBatchNorm -> ReLU/PReLU pairs into the synchronized modules too, so it may
+    run before or after this one. A FusedPreActConv2d (convert_model's, where it ran first) has no synchronized
     version: it becomes ``nn.Sequential(FusedSyncBN<act>, nn.Conv2d)`` holding its tensors (its state_dict keys
     move under ``0.`` and ``1.``: ``conv_weight`` becomes ``1.weight``). A module in the memory-efficient mode
     raises, as does a fused module with parametrized tensors (``torch.nn.utils.parametrize``).

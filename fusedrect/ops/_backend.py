@@ -15,8 +15,9 @@ CUDA tensors have two implementations behind one dispatcher kernel per op (a rou
 where the extension has its CUDA part, else that of fusedrect/ops/bn_act.py), which runs
 :func:`cuda_implementation` of the op's tensor: ``FUSEDRECT_BACKEND`` where it names ``"triton"`` or ``"cuda"``,
 else auto = the CUDA C++ kernels where the extension was built with them, else Triton. On an H200 (fp32, the
-four ResNet stage shapes at batch 32, both layouts) the CUDA C++ path took 0.51-0.64x Triton's time in every
-case and mode, its kernels launched with less host work; it is what ``"auto"`` resolves to for CUDA tensors.
+four ResNet stage shapes at batch 32, both layouts, the host's work included) the CUDA C++ path took
+0.20-0.47x Triton's time in every case and mode, its kernels launched with less host work; it is what
+``"auto"`` resolves to for CUDA tensors.
 """
 import importlib.util
 import os
@@ -29,8 +30,9 @@ try:
 except ImportError as error:  # a pure-Python install: the package still works, slowly
     _C = None
     warnings.warn(
-        f"fusedrect._C could not be imported ({error}); every op falls back to the pure-PyTorch reference "
-        "backend. Build it with `pip install --no-build-isolation .` in the fusedrect source tree.",
+        f"fusedrect._C could not be imported ({error}); ops on CPU tensors fall back to the pure-PyTorch "
+        "reference backend (CUDA tensors run the Triton kernels where triton is installed). Build it with "
+        "`pip install --no-build-isolation .` in the fusedrect source tree.",
         RuntimeWarning,
         stacklevel=2,
     )
