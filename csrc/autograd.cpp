@@ -27,7 +27,7 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<Tensor>;
 
-// The typed dispatcher handle of op fusedrect::<name>.
+// The typed dispatcher handle of the op `name` ("fusedrect::<op>").
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
@@ -72,7 +72,8 @@ Tensor param_grad(const Tensor& grad, const Tensor& param) {
   return g.to(param.scalar_type());
 }
 
-// The BatchNorm part shared by both op families: saves (x, mean, invstd, weight, bias, slope).
+// The BatchNorm ops' saved state: (x, mean, invstd, weight, bias, slope) and batch_stats (save_conv saves the same
+// and conv_weight: save_for_backward runs once per node).
 void save_bn(AutogradContext* ctx, const Tensor& x, const Tensor& mean, const Tensor& invstd, const OptTensor& weight,
              const OptTensor& bias, const OptTensor& slope, bool batch_stats) {
   ctx->save_for_backward({x, mean, invstd, or_undefined(weight), or_undefined(bias), or_undefined(slope)});

@@ -65,15 +65,16 @@ inline void check_floating(const at::Tensor& x, const char* name) {
               ": expected a float16, bfloat16, float32 or float64 tensor, got ", s);
 }
 
-// grad_out must match the shape, dtype and memory layout of the tensor it is the gradient of (or, from the
-// output, that it is walked together with).
-inline void check_grad_out(const at::Tensor& grad_out, const at::Tensor& like, const char* name,
+// A gradient-sized tensor (grad_out, or dx_out that dx is written into; `what` names it) must match the shape,
+// dtype and memory layout of the tensor `like` (named `name`) that the kernels walk together with it: the input,
+// or the output where backward recovers the input from it.
+inline void check_grad_out(const at::Tensor& grad_out, const char* what, const at::Tensor& like, const char* name,
                            const Geometry& geo) {
-  TORCH_CHECK(grad_out.sizes() == like.sizes() && grad_out.scalar_type() == like.scalar_type(),
-              "grad_out: expected the shape and dtype of ", name, " ", like.sizes(), " ", like.scalar_type(),
-              ", got ", grad_out.sizes(), " ", grad_out.scalar_type());
-  TORCH_CHECK(geometry_of(grad_out, "grad_out").channels_last == geo.channels_last,
-              "grad_out: expected the memory layout of ", name);
+  TORCH_CHECK(grad_out.sizes() == like.sizes() && grad_out.scalar_type() == like.scalar_type(), what,
+              ": expected the shape and dtype of ", name, " ", like.sizes(), " ", like.scalar_type(), ", got ",
+              grad_out.sizes(), " ", grad_out.scalar_type());
+  TORCH_CHECK(geometry_of(grad_out, what).channels_last == geo.channels_last, what,
+              ": expected the memory layout of ", name);
 }
 
 // `grad` in the memory layout of `x`: gradients arrive expanded, or in another layout, and the kernels walk both

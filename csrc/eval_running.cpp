@@ -7,8 +7,10 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <utility>
 
 #include "bn_act_args.h"
+#include "running_stats.h"
 
 namespace fusedrect {
 namespace {
@@ -25,6 +27,13 @@ Tensor bn_act_fwd_eval_running(const Tensor& input, const Tensor& running_mean, 
                                   .findSchemaOrThrow("fusedrect::bn_act_fwd_eval", "")
                                   .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
                                                 const OptTensor&, const OptTensor&)>();
+  if (input.dim() >= 2) {  // else bn_act_fwd_eval names what is wrong with input
+    const c10::SymInt C = input.sym_size(1);
+    for (const auto& [t, name] : {std::pair{&running_mean, "running_mean"}, std::pair{&running_var, "running_var"}}) {
+      TORCH_CHECK_VALUE(t->dim() == 1 && holds(*t, C), name, ": expected shape (", C, ",), one value per channel of "
+                        "input, got ", t->sym_sizes());
+    }
+  }
   const at::ScalarType dtype = stats_dtype(input);
   const Tensor mean = running_mean.scalar_type() == dtype ? running_mean : running_mean.to(dtype);
   return eval_op.call(input, mean, invstd_op.call(running_var, eps, dtype), weight, bias, slope);

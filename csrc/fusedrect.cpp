@@ -89,7 +89,8 @@ TORCH_LIBRARY(fusedrect, m) {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fusedrect's compiled ops.";
-  // What this build holds: the at::vec instruction set of the CPU kernels, the CUDA runtime (0: none).
+  // What this build holds: the at::vec instruction set of the CPU kernels (and, set below, the CUDA runtime it was
+  // built for, 0: none).
   m.attr("cpu_capability") = FUSEDRECT_STR(CPU_CAPABILITY);
   namespace fcpu = fusedrect::cpu;
   auto cache = m.def_submodule("buffer_cache", "The cache of recycled output buffers of the CPU ops "

@@ -1,7 +1,7 @@
 // The running-statistics ops (schemas in fusedrect.cpp). The update of the training forward: for every device a
 // few ATen ops on (C,) tensors (running_stats.h), in C++ so that a layer's forward pays one dispatcher call for
 // it instead of eight Python ones (about 20 us on CPU); for contiguous CPU tensors one loop over the channels
-// instead of those seven ops (about 10 us less per training forward), for CUDA tensors one kernel
+// instead of those eight ops (about 10 us less per training forward), for CUDA tensors one kernel
 // (cuda/running_stats.cu). fusedrect/reference.py's update_running_stats is the ground truth, bit for bit.
 // The eval forward's invstd from the running variance: likewise one loop (CPU) or one kernel (CUDA) in place
 // of a conversion, an add and an rsqrt, bit for bit as they round it.

@@ -14,11 +14,25 @@
 
 namespace fusedrect {
 
-// fusedrect/reference.py's update_running_stats in ATen ops: returns on count 0, raises on count 1.
+// Whether t holds n values (under torch.compile's dynamic shapes n may be symbolic: the comparison then guards).
+inline bool holds(const at::Tensor& t, const c10::SymInt& n) { return t.sym_numel() == n; }
+
+// fusedrect/reference.py's update_running_stats in ATen ops: returns on count 0, raises on count 1. Every tensor
+// holds one value per channel of mean (lerp_ would broadcast a single value over them), momentum_tensor one.
 inline void update_running_stats_composite(const std::optional<at::Tensor>& running_mean,
                                            const std::optional<at::Tensor>& running_var, const at::Tensor& mean,
                                            const at::Tensor& invstd, double eps, int64_t count, double momentum,
                                            const std::optional<at::Tensor>& momentum_tensor) {
+  const c10::SymInt C = mean.sym_numel();
+  const auto check_channels = [&](const std::optional<at::Tensor>& t, const char* name) {
+    TORCH_CHECK_VALUE(!t.has_value() || !t->defined() || holds(*t, C), name, ": expected ", C,
+                      " values (one per channel, as mean), got ", t->sym_numel());
+  };
+  check_channels(invstd, "invstd");
+  check_channels(running_mean, "running_mean");
+  check_channels(running_var, "running_var");
+  TORCH_CHECK_VALUE(!momentum_tensor.has_value() || !momentum_tensor->defined() || holds(*momentum_tensor, 1),
+                    "momentum_tensor: expected one value, got ", momentum_tensor->sym_numel());
   if (count == 0) return;
   TORCH_CHECK(count > 1, "count: expected more than 1 value per channel to update the running variance, got ",
               count);

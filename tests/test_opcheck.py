@@ -137,6 +137,23 @@ def test_invstd_rejects_what_the_statistics_cannot_be():
         torch.ops.fusedrect.bn_invstd(torch.ones(3, dtype=torch.long), 1e-5, torch.float32)
 
 
+def test_running_statistics_ops_name_the_argument_of_the_wrong_size():
+    """Where lerp_ would broadcast a single value over every channel, or ATen would name no argument."""
+    update = torch.ops.fusedrect.bn_update_running_stats
+    mean, invstd = torch.randn(4), torch.rand(4) + 0.5
+    with pytest.raises(ValueError, match="invstd: expected 4 values"):
+        update(torch.zeros(4), torch.ones(4), mean, invstd[:1], 1e-5, 8, 0.1, None)
+    with pytest.raises(ValueError, match="running_var: expected 4 values"):
+        update(torch.zeros(4), torch.ones(3), mean, invstd, 1e-5, 8, 0.1, None)
+    with pytest.raises(ValueError, match="momentum_tensor: expected one value"):
+        update(torch.zeros(4), torch.ones(4), mean, invstd, 1e-5, 8, 0.0, torch.ones(2))
+    x = torch.randn(2, 4, 3, 3)
+    for bad, name in (((torch.zeros(3), torch.ones(4)), "running_mean"), ((torch.zeros(4), torch.ones(4, 1)),
+                                                                           "running_var")):
+        with pytest.raises(ValueError, match=rf"{name}: expected shape \(4,\)"):
+            torch.ops.fusedrect.bn_act_fwd_eval_running(x, *bad, 1e-5, None, None, None)
+
+
 def test_update_running_stats_with_overlapping_arguments_as_the_reference():
     """Buffers that overlap the statistics (here running_var and invstd, one element apart) take the
     composite's path, which reads every statistic before it writes."""

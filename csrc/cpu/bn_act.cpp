@@ -1,6 +1,6 @@
 // CPU implementation of the fused BatchNorm + ReLU/PReLU ops (schemas in csrc/fusedrect.cpp).
 //
-// Per channel c over its M elements (see ../../shared/DESIGN.md for the derivation):
+// Per channel c over its M elements (fusedrect/reference.py computes the same in PyTorch):
 //   forward   z = (x - mean) * scale + beta,  scale = gamma * invstd,  y = z > 0 ? z : a * z  (ReLU: max(z, 0))
 //   backward  dz = dy * (z > 0 ? 1 : a),  dbeta = sum dz,  dgamma = invstd * sum dz * (x - mean),
 //             da = sum dy * min(z, 0),  dx = A * dz + B * (x - mean) + D  with A = gamma * invstd and, when
@@ -193,8 +193,6 @@ void shifted_stats(const Geometry& geo, const Tile& tile, const scalar_t* x, opm
   T* pos_m2 = pos_r + L;      // m2_j
   T* e_sum = pos_m2 + L;      // per channel: sum_j e
   T* within = e_sum + width;  // per channel: sum_j m2_j
-  // Three values a vector (the shift and two sums): 2 * kBlockVectors vectors a column take 12 of AVX2's 16
-  // registers (24 of AVX-512's 32), and keep as many independent chains of adds in flight.
   const int64_t groups = ceil_div(nt, kShiftedSamples);
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t lo = g * nt / groups;  // the group's samples [lo, hi), shared out evenly
@@ -203,6 +201,8 @@ void shifted_stats(const Geometry& geo, const Tile& tile, const scalar_t* x, opm
     const Vec weight_a(T(lo) / T(hi));             // na / (na + nb), joining the na = lo samples before it
     const Vec weight_b(T(hi - lo) / T(hi));        // nb / (na + nb)
     const Vec joined(T(lo) * T(hi - lo) / T(hi));  // na nb / (na + nb)
+    // Three values a vector (the shift and two sums): 2 * kBlockVectors vectors a column take 12 of AVX2's 16
+    // registers (24 of AVX-512's 32), and keep as many independent chains of adds in flight.
     for_vector_blocks<2 * kBlockVectors, V>(0, L, [&](int64_t j, auto vectors, int64_t n) {
       constexpr size_t B = decltype(vectors)::value;
       std::array<Vec, B> k, sum, sq;
@@ -404,7 +404,7 @@ void forward_tile(const Geometry& geo, const Tile& tile, const scalar_t* x,
 //   sum_dz = sum dz = dbeta,  sum_dz_xhat = invstd * sum dz * (x - mean) = dgamma,  grad_slope = sum dy * min(z, 0)
 // (grad_slope of shape (0,) for ReLU). `input` is x, or the output y where kFromOutput (the memory-efficient
 // mode, PReLU only). Tiled as the whole backward (two_pass_plan: x and dy read twice, dx written), which the
-// elementwise half (bn_act_bwd_elemt) follows where it runs alone.
+// reduce half (bn_act_bwd_reduce) follows where it runs alone.
 template <typename scalar_t, bool kPReLU, bool kFromOutput = false>
 class BackwardSums {
  public:
@@ -596,7 +596,7 @@ void dispatch(const Tensor& input, bool prelu, const F& f) {
 Geometry checked_geometry(const Tensor& input, const char* name, const Tensor* grad_out = nullptr) {
   check_floating(input, name);
   const Geometry geo = geometry_of(input, name);
-  if (grad_out != nullptr) check_grad_out(*grad_out, input, name, geo);
+  if (grad_out != nullptr) check_grad_out(*grad_out, "grad_out", input, name, geo);
   return geo;
 }
 
@@ -672,7 +672,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_bwd_into(const Tensor& dx_out,
                                                            const std::optional<Tensor>& slope, bool batch_stats) {
   const Geometry geo = checked_geometry(input, "input", &grad_out);
   if (dx_out.defined()) {  // grad_out itself (read before written, element by element) or no overlap at all
-    check_grad_out(dx_out, input, "input", geo);
+    check_grad_out(dx_out, "dx_out", input, "input", geo);
     at::assert_no_partial_overlap(dx_out, grad_out);
     at::assert_no_overlap(dx_out, input);
   }
@@ -680,7 +680,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_bwd_into(const Tensor& dx_out,
   const ChannelArgs args(C, stats_dtype(input), mean, invstd, weight, bias, slope);
   if (geo.per_channel() == 0) {
     const auto [sum_dz, sum_dz_xhat, grad_slope] = zero_sums(args, C);
-    return {at::empty_like(input), sum_dz_xhat, sum_dz, grad_slope};
+    return {dx_out.defined() ? dx_out : at::empty_like(input), sum_dz_xhat, sum_dz, grad_slope};
   }
   std::tuple<Tensor, Tensor, Tensor, Tensor> grads;
   dispatch(input, args.slope.defined(), [&](auto scalar, auto prelu) {

@@ -18,11 +18,6 @@ at::Tensor bn_act_fwd_eval(const at::Tensor& input, const at::Tensor& mean, cons
                            const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                            const std::optional<at::Tensor>& slope);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd(
-    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
-    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& slope, bool batch_stats);
-
 // bn_act_bwd writing grad_input into `dx_out` (the input's shape, dtype and layout; it may be grad_out itself,
 // whose elements are each read before they are written): saves an input-sized allocation where the caller owns
 // a dead buffer, as the pre-activation convolution's backward does.

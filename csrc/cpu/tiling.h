@@ -222,13 +222,14 @@ inline void static_for(const F& f) {
   static_for_each(f, std::make_index_sequence<N>{});
 }
 
-// The same over any range [begin, end) of elements: f(i, B, V) for blocks of B whole vectors from i, then one
-// block of the whole vectors left (fewer than B), then f(i, 1, n) for a last vector of n < V lanes. Left over one
-// by one, AVX-512's 4 vectors of 64 channels-last channels had been 4 walks of one chain of adds each down the
-// rows, where shifted_stats takes 8 vectors at a time: 32x64x56x56's statistics took 2x the time of 32x128x28x28's
-// (about 1 copy of the input against 0.5, two threads). Each vector's sums still add the rows in order, but the
-// results may differ in the last bits from the one-by-one walk's: with n = V known, the compiler fuses some
-// multiplies into the sums' adds (FMA) that it kept apart where n was a run-time value.
+// Walks the elements [begin, end) in blocks of vectors: f(i, std::integral_constant<size_t, B>{}, V) for blocks of B
+// whole vectors from i, then one block of the whole vectors left (fewer than B), then f(i, 1, n) for a last vector of
+// n < V lanes. (for_channel_blocks, below, walks a tile's channels so.) Left over one by one, AVX-512's 4 vectors of
+// 64 channels-last channels had been 4 walks of one chain of adds each down the rows, where shifted_stats takes 8
+// vectors at a time: 32x64x56x56's statistics took 2x the time of 32x128x28x28's (about 1 copy of the input against
+// 0.5, two threads). Each vector's sums still add the rows in order, but the results may differ in the last bits from
+// the one-by-one walk's: with n = V known, the compiler fuses some multiplies into the sums' adds (FMA) that it kept
+// apart where n was a run-time value.
 template <size_t B, int64_t V, typename F>
 inline void for_vector_blocks(int64_t begin, int64_t end, const F& f) {
   static_assert(B > 1, "blocks of one vector: the last call would take more than a vector");
@@ -242,8 +243,9 @@ inline void for_vector_blocks(int64_t begin, int64_t end, const F& f) {
   if (i < end) f(i, std::integral_constant<size_t, 1>{}, end - i);
 }
 
-// Calls f(c, std::integral_constant<size_t, B>{}, n) for blocks of B full vectors of channels from c, then for one
-// block of the full vectors left, then for a last vector of n < V lanes where C is not a multiple of V.
+// for_vector_blocks over the tile's channels: f(c, std::integral_constant<size_t, B>{}, n) for blocks of B full
+// vectors of channels from c, then for one block of the full vectors left, then for a last vector of n < V lanes
+// where the tile's channels are not a multiple of V.
 template <size_t B, int64_t V, typename F>
 inline void for_channel_blocks(const Tile& tile, const F& f) {
   for_vector_blocks<B, V>(tile.c0, tile.c1, f);
@@ -505,14 +507,14 @@ void reduce_tile(const Geometry& geo, const Tile& tile, const std::array<const s
 inline constexpr int64_t kSlabBytes = int64_t(1) << 20;
 inline constexpr int64_t kSlabsPerThread = 8;
 
-// The tiling of a two-pass op (reduce_elems as tiling_of's min_channel_elems) whose passes both read `read_bytes`
-// bytes of input per element, `pass_bytes` the bytes of its inputs and output in all; and whether it is walked slab
-// by slab (two_passes).
+// How a two-pass op is walked: its tiling, and whether slab by slab (two_passes).
 struct TwoPassPlan {
   Tiling tiling;
   bool slabs;
 };
 
+// The plan of a two-pass op (reduce_elems as tiling_of's min_channel_elems) whose passes both read `read_bytes`
+// bytes of input per element, `pass_bytes` the bytes of its inputs and output in all.
 inline TwoPassPlan two_pass_plan(const Geometry& geo, int64_t reduce_elems, int64_t read_bytes, int64_t pass_bytes) {
   const bool large = !geo.channels_last && pass_bytes > kStreamingBytes;
   const int64_t channel_bytes = std::max<int64_t>(1, geo.per_channel() * read_bytes);
@@ -547,13 +549,13 @@ void two_passes(const Geometry& geo, const TwoPassPlan& plan, int64_t finish_gra
   }
   at::parallel_for(0, t.c_blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t rows = t.n_blocks * t.s_blocks;  // the block's tiles, k = gn * s_blocks + gs (tile_at)
+      const int64_t tiles = t.groups();  // the block's, k = gn * s_blocks + gs (tile_at)
       auto tile_of = [&](int64_t k) {
         return tile_at(geo, t, (k / t.s_blocks * t.c_blocks + b) * t.s_blocks + k % t.s_blocks);
       };
-      for (int64_t k = 0; k < rows; ++k) reduce(tile_of(k));
+      for (int64_t k = 0; k < tiles; ++k) reduce(tile_of(k));
       finish(b * t.c_per, std::min((b + 1) * t.c_per, geo.C));
-      for (int64_t k = rows - 1; k >= 0; --k) apply(tile_of(k));
+      for (int64_t k = tiles - 1; k >= 0; --k) apply(tile_of(k));
     }
   });
 }

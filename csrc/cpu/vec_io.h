@@ -1,5 +1,6 @@
-// Loads and stores of `scalar_t` data as vectors of its math type (float for
-// bf16/fp16/fp32, double for fp64), with partial vectors for tails (their lanes past the tail unspecified).
+// The vector operations the CPU kernels build on: loads and stores of `scalar_t` data as vectors of its math type
+// (float for bf16/fp16/fp32, double for fp64), with partial vectors for tails (their lanes past the tail
+// unspecified), stores past the caches, the sign selects of ReLU/PReLU and their derivatives, and a horizontal sum.
 #pragma once
 
 #include <ATen/OpMathType.h>

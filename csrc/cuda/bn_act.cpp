@@ -1,6 +1,6 @@
 // The ops of the `cuda` backend (bn_act.h): the CPU ops' argument checks (../bn_act_args.h), outputs allocated
 // as the CPU ops allocate them, then the kernels (launch.h) on the current stream, under a guard of the input's
-// device. Per channel c over its M elements (../../shared/DESIGN.md):
+// device. Per channel c over its M elements (as fusedrect/reference.py):
 //   forward   z = (x - mean) * scale + beta,  scale = gamma * invstd,  y = z > 0 ? z : a * z  (ReLU: a = 0)
 //   backward  dz = dy * (z > 0 ? 1 : a),  dbeta = sum dz,  dgamma = invstd * sum dz * (x - mean),
 //             da = sum dy * min(z, 0),  dx = scale * dz + B * (x - mean) + D, with B = -scale * invstd * dgamma / M
@@ -113,7 +113,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_bwd(const Tensor& grad_out, co
                                                       const OptTensor& weight, const OptTensor& bias,
                                                       const OptTensor& slope, bool batch_stats) {
   const Geometry geo = check_args(input, "input", mean, invstd, weight, bias, slope);
-  check_grad_out(grad_out, input, "input", geo);
+  check_grad_out(grad_out, "grad_out", input, "input", geo);
   check_device(grad_out, input, "grad_out");
   const c10::cuda::CUDAGuard guard(input.device());
   const ChannelArgs args(geo.C, stats_dtype(input), mean, invstd, weight, bias, slope);
@@ -124,7 +124,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_bwd_from_output(const Tensor& 
                                                                   const Tensor& invstd, const OptTensor& weight,
                                                                   const OptTensor& bias, const Tensor& slope) {
   const Geometry geo = check_args(output, "output", std::nullopt, invstd, weight, bias, slope);
-  check_grad_out(grad_out, output, "output", geo);
+  check_grad_out(grad_out, "grad_out", output, "output", geo);
   check_device(grad_out, output, "grad_out");
   const c10::cuda::CUDAGuard guard(output.device());
   const ChannelArgs args(geo.C, stats_dtype(output), std::nullopt, invstd, weight, bias, slope);
@@ -147,7 +147,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_bwd_reduce(const Tensor& grad_out, con
                                                      const OptTensor& weight, const OptTensor& bias,
                                                      const OptTensor& slope) {
   const Geometry geo = check_args(input, "input", mean, invstd, weight, bias, slope);
-  check_grad_out(grad_out, input, "input", geo);
+  check_grad_out(grad_out, "grad_out", input, "input", geo);
   check_device(grad_out, input, "grad_out");
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t C = geo.C;
@@ -169,7 +169,7 @@ Tensor bn_act_bwd_elemt(const Tensor& grad_out, const Tensor& input, const Tenso
                         const OptTensor& weight, const OptTensor& bias, const OptTensor& slope,
                         const Tensor& sum_dz, const Tensor& sum_dz_xhat, int64_t count) {
   const Geometry geo = check_args(input, "input", mean, invstd, weight, bias, slope);
-  check_grad_out(grad_out, input, "input", geo);
+  check_grad_out(grad_out, "grad_out", input, "input", geo);
   check_device(grad_out, input, "grad_out");
   check_device(sum_dz, input, "sum_dz");
   check_device(sum_dz_xhat, input, "sum_dz_xhat");
