@@ -31,6 +31,8 @@ def bn_prelu(
     """
     if slope is None:
         raise TypeError("slope: bn_prelu needs a tensor of shape (1,) or (C,); use bn_relu for ReLU")
+    if not isinstance(memory_efficient, bool):
+        raise TypeError(f"memory_efficient: expected a bool, got {type(memory_efficient).__name__}")
     return _bn_act(input, running_mean, running_var, weight, bias, slope, training, momentum, eps, backend,
                    memory_efficient)
 
@@ -53,7 +55,7 @@ def _bn_act(input, running_mean, running_var, weight, bias, slope, training, mom
             _check_invertible(weight, slope, eps)
             train = bn_act.bn_act_train_memory_efficient
         y, mean, invstd = train(input, weight, bias, slope, eps, backend)
-        _update_running_stats(_count(input), running_mean, running_var, mean, invstd, momentum, eps)
+        _update_running_stats(_count(input), running_mean, running_var, mean, invstd, momentum, eps, backend)
         return y
     return bn_act.bn_act_eval_running(input, running_mean, running_var, eps, weight, bias, slope, backend)
 
@@ -76,10 +78,11 @@ def preact_conv2d(
     if training:
         out, mean, invstd = preact_conv.preact_conv_train(input, weight, bias, slope, eps, conv_weight, conv_bias,
                                                           *conv_args, backend)
-        _update_running_stats(_count(input), running_mean, running_var, mean, invstd, momentum, eps)
+        _update_running_stats(_count(input), running_mean, running_var, mean, invstd, momentum, eps, backend)
         return out
-    return preact_conv.preact_conv_eval(input, *bn_act.running_statistics(input, running_mean, running_var, eps),
-                                        weight, bias, slope, conv_weight, conv_bias, *conv_args, backend)
+    mean, invstd = bn_act.running_statistics(input, running_mean, running_var, eps, backend)
+    return preact_conv.preact_conv_eval(input, mean, invstd, weight, bias, slope, conv_weight, conv_bias, *conv_args,
+                                        backend)
 
 
 def sync_bn_prelu(
@@ -119,7 +122,7 @@ def _sync_bn_act(input, running_mean, running_var, weight, bias, slope, training
     if count == 1:  # the same on every rank, so every rank raises
         raise ValueError("Expected more than 1 value per channel when training, got 1 over all ranks of the "
                          "process group")
-    _update_running_stats(count, running_mean, running_var, mean, invstd, momentum, eps)
+    _update_running_stats(count, running_mean, running_var, mean, invstd, momentum, eps, backend)
     return y
 
 
@@ -128,15 +131,17 @@ def _count(input):
     return input.numel() // input.shape[1] if input.shape[1] else 0
 
 
-def _update_running_stats(count, running_mean, running_var, mean, invstd, momentum, eps):
+def _update_running_stats(count, running_mean, running_var, mean, invstd, momentum, eps, backend):
     """running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance M/(M-1) var of the
     batch's ``count`` elements per channel. An empty batch leaves them as they are (as nn.BatchNorm does).
     ``momentum`` may be a 0-dim tensor (the modules' cumulative average), which keeps the update free of host
-    synchronisation under torch.compile. One op of the extension where it is built, else the reference's ATen ops,
-    which torch.compile also traces (fusing them): the op's int count would make it specialise the graph on the
-    batch size, recompiling for each new one. Under a torch.func transform too, which refuses their in-place
-    update of a captured buffer before it changes anything (as nn.BatchNorm's), where the op would change it."""
-    if not _backend.compiled() or torch.compiler.is_compiling() or _backend.functorch_active():
+    synchronisation under torch.compile. One op of the extension where it is built, else the reference's ATen ops:
+    on the reference backend (pure PyTorch), and where torch.compile traces them (fusing them: the op's int count
+    would make it specialise the graph on the batch size, recompiling for each new one). Under a torch.func
+    transform too, which refuses their in-place update of a captured buffer before it changes anything (as
+    nn.BatchNorm's), where the op would change it."""
+    if (backend == "reference" or not _backend.compiled() or torch.compiler.is_compiling()
+            or _backend.functorch_active()):
         reference.update_running_stats(running_mean, running_var, mean, invstd, eps, count, momentum)
     elif count and running_mean is not None:  # both or neither (_validate)
         tensor = momentum if isinstance(momentum, torch.Tensor) else None
@@ -163,6 +168,8 @@ def _validate(input, running_mean, running_var, weight, bias, slope, training, m
     batch may hold a single value per channel (or none)."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input: expected a torch.Tensor, got {type(input).__name__}")
+    if not isinstance(training, bool):  # as torch.batch_norm: a truthy string would train and update the buffers
+        raise TypeError(f"training: expected a bool, got {type(training).__name__}")
     if input.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"input: expected a float16, bfloat16, float32 or float64 tensor, got {input.dtype}")
     if input.dim() < 2:
@@ -247,9 +254,10 @@ def _validate_conv(input, conv_weight, conv_bias, stride, padding, dilation, gro
     if not isinstance(groups, numbers.Integral) or isinstance(groups, bool) or groups < 1:
         raise ValueError(f"groups: expected a positive int, got {groups!r}")
     channels = input.shape[1]
-    if conv_weight.dim() != 4 or conv_weight.shape[0] % groups or conv_weight.shape[1] * groups != channels:
+    if (conv_weight.dim() != 4 or conv_weight.shape[0] % groups or conv_weight.shape[1] * groups != channels
+            or min(conv_weight.shape[2:]) < 1):
         raise ValueError(f"conv_weight: expected shape (out_channels, {channels} / groups, kH, kW) with "
-                         f"out_channels divisible by groups={groups}, got {tuple(conv_weight.shape)}")
+                         f"out_channels divisible by groups={groups} and kH, kW >= 1, got {tuple(conv_weight.shape)}")
     for name, t in (("conv_weight", conv_weight), ("conv_bias", conv_bias)):
         if t is None:
             continue

@@ -128,9 +128,12 @@ class _FusedBNAct(nn.Module):
         )
 
     def _to_batchnorm(self, batchnorm_cls):
-        bn = batchnorm_cls(self.num_features, self.eps, self.momentum, self.affine, self.track_running_stats,
+        # Built with the buffers this module holds, then its flag: track_running_stats set to False after
+        # construction (nn's idiom for batch statistics in training with the buffers kept for eval) keeps them.
+        bn = batchnorm_cls(self.num_features, self.eps, self.momentum, self.affine, self.running_mean is not None,
                            **self._factory())
         bn.load_state_dict({k: v for k, v in self.state_dict().items() if k in _BN_STATE})
+        bn.track_running_stats = self.track_running_stats
         _copy_trainable(bn, self)
         return bn.train(self.training)
 
@@ -155,15 +158,16 @@ class _FusedBNAct(nn.Module):
         tensors = [*bn.parameters(), *(t for t in bn.buffers() if t.is_floating_point()), *act.parameters(),
                    *(conv.parameters() if conv is not None else ())]
         factory = {"device": tensors[0].device, "dtype": tensors[0].dtype} if tensors else {}
-        return {
+        return {  # the buffers bn holds (its flag may have been turned off after construction: _load_bn copies it)
             "num_features": bn.num_features, "eps": bn.eps, "momentum": bn.momentum, "affine": bn.affine,
-            "track_running_stats": bn.track_running_stats, **factory,
+            "track_running_stats": bn.running_mean is not None, **factory,
         }
 
     def _load_bn(self, bn):
         state = self.state_dict()
         state.update(bn.state_dict())
         self.load_state_dict(state)
+        self.track_running_stats = bn.track_running_stats
         _copy_trainable(self, bn)
         self.train(bn.training)
         self.batchnorm_cls = type(bn)
@@ -275,7 +279,8 @@ class FusedPreActConv2d(_FusedBNAct):
         if activation == "relu" and num_parameters is not None:
             raise ValueError("num_parameters: only meaningful with activation='prelu'")
         super().__init__(in_channels, eps, momentum, affine, track_running_stats, device, dtype, backend)
-        if not isinstance(groups, int) or groups < 1 or in_channels % groups or out_channels % groups:
+        if (not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or in_channels % groups
+                or out_channels % groups):
             raise ValueError(f"groups: expected a positive int dividing in_channels={in_channels} and "
                              f"out_channels={out_channels}, got {groups!r}")
         self.in_channels, self.out_channels = in_channels, out_channels

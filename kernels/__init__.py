@@ -1,1 +1,2 @@
-"""Triton kernels of fusedrect, installed as fusedrect.kernels (none yet: the GPU path arrives with them)."""
+"""Triton kernels of fusedrect, installed as fusedrect.kernels: the BatchNorm + ReLU/PReLU ops (bn_act) and the
+pre-activation convolution (preact_conv); fusedrect.ops registers them as the ``triton`` backend."""

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedrect.reference import stats_dtype
+
 RELU = tl.constexpr(0)  # values of the ACT constexpr
 PRELU = tl.constexpr(1)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -410,10 +412,6 @@ def _acc(x):
     return tl.float64 if x.dtype == torch.float64 else tl.float32
 
 
-def _stats_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 class _Geometry:
     """Sizes of the (N, C, S) view and the reduction split, which depends on the shape only."""
 
@@ -516,7 +514,7 @@ def bn_stats(x):
 
 def _batch_stats(x, eps, geo):
     """(mean, var, invstd) per channel; mean 0, var 0 for an empty batch."""
-    stats = _stats_dtype(x)
+    stats = stats_dtype(x)
     if geo.M == 0:
         zeros = torch.zeros(geo.C, dtype=stats, device=x.device)
         return zeros, zeros.clone(), torch.full_like(zeros, eps).rsqrt_()
@@ -545,7 +543,7 @@ def bn_act_fwd_eval(x, mean, invstd, weight, bias, slope):
     geo = _Geometry(x)
     y = torch.empty_like(x)
     if x.numel():
-        stats = _stats_dtype(x)
+        stats = stats_dtype(x)
         _apply(x, y, _per_channel(mean, stats), _per_channel(invstd, stats), weight, bias, slope, geo)
     return y
 
@@ -569,8 +567,8 @@ def bn_act_bwd(grad_out, x, mean, invstd, weight, bias, slope, batch_stats):
 @_on_device
 def bn_act_bwd_from_output(grad_out, output, invstd, weight, bias, slope):
     """Training backward of BatchNorm + PReLU from the output y (memory-efficient mode; every slope > 0 and
-    every weight != 0): as bn_act_bwd."""
-    mean = torch.zeros(output.shape[1], dtype=_stats_dtype(output), device=output.device)  # unused
+    every |weight| > eps): as bn_act_bwd."""
+    mean = torch.zeros(output.shape[1], dtype=stats_dtype(output), device=output.device)  # unused
     return _backward(_BackwardArgs(grad_out, output, mean, invstd, weight, bias, slope, True), True)
 
 
@@ -597,7 +595,7 @@ class _BackwardArgs:
         self.geo = _Geometry(x)
         if channels_last(grad_out) != self.geo.channels_last or grad_out.shape != x.shape:
             raise ValueError("grad_out: expected the shape and memory layout of input")
-        self.stats = _stats_dtype(x)
+        self.stats = stats_dtype(x)
         self.grad_out, self.x, self.from_output = grad_out, x, from_output
         self.mean, self.invstd = _per_channel(mean, self.stats), _per_channel(invstd, self.stats)
         self.weight, self.bias, self.affine = _affine_args(weight, bias, self.geo.C, self.stats, x.device)

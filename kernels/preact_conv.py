@@ -13,7 +13,8 @@ A is built tile by tile in registers and never stored: the padded taps are zero 
 convolution pads its input, which is the activation's output). Scope: channels-last fp16/bf16/fp32 inputs,
 square 1x1 and 3x3 kernels, stride 1 or 2, padding 0 or 1, no dilation, one group; everything else runs the
 framework's convolution on a materialised activation (fusedrect/ops/preact_conv.py). fp32 inputs run in TF32,
-as cuDNN runs them by default; with torch.backends.cudnn.allow_tf32 = False they go to cuDNN instead.
+as cuDNN runs them by default; where cuDNN's convolutions may not (torch.backends.cudnn.allow_tf32 = False, or
+torch.backends.cudnn.conv.fp32_precision = "ieee") they go to cuDNN instead.
 
 The weight gradient reduces over all M pixels: programs take fixed shares of M (a split that depends on the
 shape only), write fp32 partials, and the partials are summed in a fixed order: bitwise reproducible.
@@ -52,10 +53,18 @@ WGRAD_TARGET_PROGRAMS = 512  # the split of M aims for this many programs (then 
 WGRAD_MAX_SPLIT = 64
 
 
+def _tf32_convolutions():
+    """Whether cuDNN may run fp32 convolutions in TF32: torch's per-operator setting
+    (``torch.backends.cudnn.conv.fp32_precision``, torch >= 2.9) where it decides, else the legacy flag (which torch
+    refuses to read once the two APIs were mixed)."""
+    precision = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", "none")
+    return precision == "tf32" if precision != "none" else torch.backends.cudnn.allow_tf32
+
+
 def applies(x, conv_weight, stride, padding, dilation, groups):
     """True when the Triton convolution covers this call (else the framework's convolution runs)."""
     kh, kw = conv_weight.shape[-2:]
-    tf32_allowed = x.dtype != torch.float32 or torch.backends.cudnn.allow_tf32
+    tf32_allowed = x.dtype != torch.float32 or _tf32_convolutions()
     return (
         x.dim() == 4 and x.dtype in SUPPORTED["dtypes"] and conv_weight.dtype == x.dtype and tf32_allowed
         and x.is_contiguous(memory_format=torch.channels_last) and groups == 1 and tuple(dilation) == (1, 1)
@@ -245,8 +254,8 @@ def _wgrad_split(M, blocks_k, blocks_n, block_m):
     """Shares of M for the weight-gradient programs: a function of the shape only (fixed summation order)."""
     steps = triton.cdiv(M, block_m)
     split = max(1, min(WGRAD_MAX_SPLIT, steps, WGRAD_TARGET_PROGRAMS // max(1, blocks_k * blocks_n)))
-    per_split = triton.cdiv(steps, split) * block_m
-    return triton.cdiv(M, per_split), per_split
+    per_split = max(1, triton.cdiv(steps, split)) * block_m
+    return max(1, triton.cdiv(M, per_split)), per_split  # an empty batch: one split, left zero
 
 
 @_on_device

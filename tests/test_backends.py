@@ -6,6 +6,7 @@ import types
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedrect
 from fusedrect.ops import _backend, bn_act
@@ -177,3 +178,28 @@ def test_backend_checks_trace_under_torch_compile(backend):
     check = torch.compile(lambda x: x + (_backend.why_unavailable(backend, x.device) is None), fullgraph=True,
                           backend="eager")
     assert check(torch.zeros(1)).item() == (_backend.why_unavailable(backend, torch.device("cpu")) is None)
+
+
+class _OpNames(TorchDispatchMode):
+    """Records the name of every op that runs below it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+def test_reference_backend_runs_no_extension_op():
+    """backend="reference", the tests' oracle, is pure PyTorch all the way: the running statistics' update and
+    eval's inverse standard deviation included, not the extension's ops (whatever bits those give)."""
+    x, slope = torch.randn(4, 3, 5, 5), torch.full((3,), 0.25)
+    running_mean, running_var = torch.zeros(3), torch.ones(3)
+    with _OpNames() as ops:
+        for training in (True, False):
+            fusedrect.bn_prelu(x, running_mean, running_var, None, None, slope, training, backend="reference")
+            fusedrect.preact_conv2d(x, running_mean, running_var, None, None, slope, torch.randn(2, 3, 3, 3),
+                                    training=training, backend="reference")
+    assert ops.names and not [name for name in ops.names if name.startswith("fusedrect::")]

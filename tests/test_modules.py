@@ -195,6 +195,35 @@ def test_to_modules_defaults_to_the_source_batchnorm_class():
     assert isinstance(fusedrect.FusedBNReLU(4).to_modules()[0], nn.BatchNorm2d)
 
 
+@pytest.mark.parametrize("make", [
+    lambda bn: fusedrect.FusedBNReLU.from_modules(bn, nn.ReLU()),
+    lambda bn: fusedrect.FusedPreActConv2d.from_modules(bn, nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1)),
+    lambda bn: fusedrect.convert_model(nn.Sequential(bn, nn.ReLU()))[0],
+], ids=["from_modules", "preact", "convert_model"])
+def test_tracking_turned_off_after_construction_keeps_the_buffers(make):
+    """nn's idiom: bn.track_running_stats = False after construction trains on batch statistics, leaves the
+    buffers alone and evaluates with them. The fused module, and the BatchNorm it converts back to, do the same."""
+    bn = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    bn.track_running_stats = False
+    fused = make(bn)
+    assert not fused.track_running_stats and torch.equal(fused.running_mean, bn.running_mean)
+    back = fused.to_modules()[0]
+    assert not back.track_running_stats and torch.equal(back.running_var, bn.running_var)
+    x = torch.randn(5, 4, 6, 6)
+    before = bn.running_mean.clone()
+    for module in (bn, fused, back):
+        module.train()
+        module(x)
+        assert torch.equal(module.running_mean, before)  # not updated
+        module.eval()
+    torch.testing.assert_close(back(x), bn(x), rtol=0, atol=0)
+    if isinstance(fused, fusedrect.FusedBNReLU):
+        torch.testing.assert_close(fused(x), bn(x).relu(), rtol=1e-6, atol=1e-6)  # eval from the buffers
+
+
 def test_module_attributes_match_batchnorm():
     layer = fusedrect.FusedBNPReLU(8, dtype=torch.float64)
     bn = nn.BatchNorm2d(8, dtype=torch.float64)

@@ -296,6 +296,8 @@ def test_constructor_errors():
         FusedPreActConv2d(4, 4, 3, num_parameters=1)
     with pytest.raises(ValueError, match="groups"):
         FusedPreActConv2d(4, 6, 3, groups=4)
+    with pytest.raises(ValueError, match="groups: expected a positive int"):
+        FusedPreActConv2d(4, 6, 3, groups=True)
 
 
 def test_functional_errors_name_the_argument():
@@ -317,6 +319,8 @@ def test_functional_errors_name_the_argument():
         fusedrect.preact_conv2d(torch.randn(2, 4, 5), *stats, torch.randn(6, 4, 3))
     with pytest.raises(ValueError, match="groups"):
         fusedrect.preact_conv2d(x, *stats, torch.randn(6, 4, 3, 3), groups=0)
+    with pytest.raises(ValueError, match=r"conv_weight: .* kH, kW >= 1, got \(6, 4, 0, 3\)"):
+        fusedrect.preact_conv2d(x, *stats, torch.randn(6, 4, 0, 3))
 
 
 def test_triton_convolution_left_out_only_for_bf16_in_the_interpreter():

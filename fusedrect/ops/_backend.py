@@ -112,10 +112,10 @@ def available(device):
 def cuda_implementation(x):
     """The implementation that the ops' CUDA router runs for the CUDA tensor ``x``: ``"triton"`` or ``"cuda"``.
 
-    A pure function of ``FUSEDRECT_BACKEND`` and x's layout and dtype: the variable where it names one of the
-    two, else the CUDA C++ kernels where the extension has them, else Triton (the same for every layout and
-    dtype: the CUDA C++ path was the faster in every case measured). Whether the pick can run is the router's
-    check, not this one's.
+    A pure function of ``FUSEDRECT_BACKEND`` and the build, not of x (the routers pass it; every layout and dtype
+    gets the same answer: the CUDA C++ path was the faster in every case measured): the variable where it names
+    one of the two, else the CUDA C++ kernels where the extension has them, else Triton. Whether the pick can run
+    is the router's check, not this one's.
     """
     requested = os.environ.get(ENV_VAR)
     if requested in CUDA_BACKENDS:

@@ -262,7 +262,7 @@ def _ops_for(backend, x):
 
 def bn_act_train_memory_efficient(x, weight, bias, slope, eps, backend):
     """Training forward that saves only its output for backward: ``(y, mean, invstd)``. The caller checks that
-    every slope is > 0 and every weight non-zero (the activation and the affine must be invertible)."""
+    every slope is > 0 and every |weight| > eps (the activation and the affine must be invertible)."""
     if backend == "reference":
         raise ValueError("memory_efficient: needs a kernel backend (cpp, triton or cuda), not the reference")
     x = native_layout(x)
@@ -279,14 +279,15 @@ def bn_act_train(x, weight, bias, slope, eps, backend):
     return _DirectTrain.apply(x, weight, bias, slope, eps, _ops_for(backend, x))
 
 
-def running_statistics(x, running_mean, running_var, eps):
-    """(mean, invstd) in the statistics dtype from the running statistics (eval mode). invstd is one op of the
-    extension where it is built (one launch on a GPU instead of two or three), the same bits as the ATen ops it
-    replaces, which still serve a running variance that autograd tracks."""
+def running_statistics(x, running_mean, running_var, eps, backend):
+    """(mean, invstd) in the statistics dtype from the running statistics (eval mode) for the resolved
+    ``backend``. invstd is one op of the extension where it is built (one launch on a GPU instead of two or three),
+    the same bits as the ATen ops it replaces, which still serve the reference backend (pure PyTorch) and a running
+    variance that autograd tracks."""
     _require_running(running_mean, running_var)
     dtype = reference.stats_dtype(x)
     mean = running_mean if running_mean.dtype == dtype else running_mean.to(dtype)  # a no-op .to costs ~1 us
-    if _backend.compiled() and not _tracked(running_var):
+    if backend != "reference" and _backend.compiled() and not _tracked(running_var):
         return mean, torch.ops.fusedrect.bn_invstd.default(running_var, eps, dtype)
     var = running_var if running_var.dtype == dtype else running_var.to(dtype)
     return mean, (var + eps).rsqrt_()
@@ -311,7 +312,8 @@ def bn_act_eval_running(x, running_mean, running_var, eps, weight, bias, slope, 
             and not _backend.functorch_active()):
         return torch.ops.fusedrect.bn_act_fwd_eval_running.default(native_layout(x), running_mean, running_var, eps,
                                                                    weight, bias, slope)
-    return bn_act_eval(x, *running_statistics(x, running_mean, running_var, eps), weight, bias, slope, backend)
+    return bn_act_eval(x, *running_statistics(x, running_mean, running_var, eps, backend), weight, bias, slope,
+                       backend)
 
 
 def bn_act_eval(x, mean, invstd, weight, bias, slope, backend):

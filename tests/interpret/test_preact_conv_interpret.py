@@ -103,3 +103,25 @@ def test_bf16_module_takes_the_framework_convolution():
     cpp.load_state_dict(fused.state_dict())
     x = channels_last(3, 8, 7, 6, dtype=torch.bfloat16)
     torch.testing.assert_close(fused(x), cpp(x), rtol=2e-2, atol=2e-2)
+
+
+def test_empty_batch_gives_zero_weight_gradient():
+    x = channels_last(0, 4, 6, 6).requires_grad_()
+    fused = fusedrect.FusedPreActConv2d(4, 8, 3, padding=1, backend="triton")
+    fused(x).sum().backward()
+    assert torch.equal(fused.conv_weight.grad, torch.zeros_like(fused.conv_weight))
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cudnn, "conv"), reason="torch < 2.9 has no per-operator precision")
+def test_tf32_read_from_the_per_operator_setting():
+    """Set through torch's newer API, the legacy flag can no longer be read (torch raises); applies() follows the
+    new setting: fp32 takes the Triton (TF32) convolution only where cuDNN's convolutions may use TF32."""
+    x, conv_weight = channels_last(1, 4, 6, 6), torch.randn(8, 4, 3, 3)
+    before = torch.backends.cudnn.conv.fp32_precision
+    try:
+        for precision, expected in (("ieee", False), ("tf32", True)):
+            torch.backends.cudnn.conv.fp32_precision = precision
+            assert kernels.applies(x, conv_weight, (1, 1), (1, 1), (1, 1), 1) is expected
+    finally:
+        torch.backends.cudnn.conv.fp32_precision = before
