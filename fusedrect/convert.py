@@ -205,6 +205,15 @@ def _join(prefix, name):
     return f"{prefix}.{name}" if prefix else name
 
 
+def _built(make):
+    """(make(), None), or (None, why) where building the fused module raised: that pair is then skipped and the
+    model keeps it, not left half converted."""
+    try:
+        return make(), None
+    except (TypeError, ValueError, RuntimeError) as error:
+        return None, f"its fused module could not be built ({type(error).__name__}: {error})"
+
+
 def _fuse_sequential(module, path, report, shared):
     """Fuses the BatchNorm -> activation (-> Conv2d) runs among the children of ``module``, an nn.Sequential that
     does not trace, whose forward (nn.Sequential's) calls them in a row."""
@@ -222,7 +231,12 @@ def _fuse_sequential(module, path, report, shared):
             i += 1
             continue
         width = 3 if conv is not None and _chainable(bn, act, conv, shared) else 2
-        module._modules[names[i]] = FusedPreActConv2d.from_modules(bn, act, conv) if width == 3 else _fuse(bn, act)
+        fused, why = _built(lambda: FusedPreActConv2d.from_modules(bn, act, conv) if width == 3 else _fuse(bn, act))
+        if fused is None:
+            report.skipped.append((_join(path, names[i]), why))
+            i += 1
+            continue
+        module._modules[names[i]] = fused
         for name in names[i + 1:i + width]:
             module._modules[name] = nn.Identity()
         report.fused.append(tuple(_join(path, name) for name in names[i:i + width]))
@@ -309,12 +323,18 @@ def _fuse_graph(module, graph, path, report, shared):
         else:
             conv_target = _chained_conv(act_nodes, only_here, calls, modules, bn, act, shared)
             if conv_target is not None:
-                _replace(module, target, FusedPreActConv2d.from_modules(bn, act, modules[conv_target]))
+                fused, why = _built(lambda: FusedPreActConv2d.from_modules(bn, act, modules[conv_target]))
+            else:
+                fused, why = _built(lambda: _fuse(bn, act))
+            if fused is None:
+                report.skipped.append((where, why))
+                continue
+            _replace(module, target, fused)
+            if conv_target is not None:
                 _replace(module, act_target, nn.Identity())
                 _replace(module, conv_target, nn.Identity())
                 report.fused.append((where, _join(path, act_target), _join(path, conv_target)))
                 continue
-            _replace(module, target, _fuse(bn, act))
             if only_here:
                 _replace(module, act_target, nn.Identity())
             report.fused.append((where, _join(path, act_target or act_nodes[0].name)))

@@ -318,6 +318,23 @@ def test_untraceable_model_is_searched_child_by_child():
     assert_same_training_step(original, converted, x)
 
 
+def test_pair_whose_fused_module_cannot_be_built_is_skipped_whole(monkeypatch):
+    """A from_modules that raises (a case convert_model does not foresee) skips that pair, reported, and leaves
+    it as it was; the other pairs still convert (traced, and child by child where the parent does not trace)."""
+    def refuse(cls, bn, act):
+        raise ValueError("bn: not this one")
+
+    monkeypatch.setattr(FusedBNReLU, "from_modules", classmethod(refuse))
+    traced = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU(), nn.BatchNorm2d(3), nn.PReLU(3))
+    untraced = nn.Sequential(nn.BatchNorm2d(4), nn.ReLU(), Untraceable())
+    for model in (traced, untraced):
+        converted = fusedrect.convert_model(model, inplace=True)
+        assert type(converted[0]) is nn.BatchNorm2d and type(converted[1]) is nn.ReLU
+        assert count(converted, FusedBNPReLU) == 1
+        assert any("could not be built (ValueError: bn: not this one)" in why
+                   for _, why in converted.fusedrect_report.skipped)
+
+
 def test_inplace_converts_the_given_model():
     model = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU())
     assert fusedrect.convert_model(model, inplace=True) is model and isinstance(model[0], FusedBNReLU)
