@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import fusedrect
 from conftest import (ACTIVATIONS, LAYOUTS, RANGE_SHAPES, check_frozen_backward_of_non_finite_input,
-                      check_statistics_beyond_range, fused_call, make_input, make_params)
+                      check_statistics_beyond_range, fused_call, fused_forward_backward, make_input, make_params)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -25,6 +25,55 @@ def test_variance_with_large_mean(shape, layout):
     dims = [0, *range(2, x.dim())]
     expected = x.double().var(dims, unbiased=True)
     torch.testing.assert_close(running_var.double(), expected, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["batch_stats", "running_stats"])
+@pytest.mark.parametrize("activation", ["relu", "prelu"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_backward_follows_the_sign_of_the_output(layout, activation, training):
+    """Backward recomputes z bit for bit as the forward computed it: where z is within a few ulps of 0, dx and
+    dbeta follow the sign of y. Each channel holds 401 consecutive floats around a point at which its bias puts
+    z = 0 (and random values); a mask differing from the forward's in one element would move its dx by
+    (1 - a) * A and dbeta by 1 - a. 80 channels: the channels-last rows wider than 64 channels walk their own
+    path, the last vector a partial one."""
+    N, C, H, W = 4, 80, 16, 16
+    M = N * H * W
+    values = torch.randn(C, M, dtype=torch.float64).float()
+    points = 0.5 + 0.1 * torch.arange(C, dtype=torch.float32)
+    steps = torch.arange(-200, 201, dtype=torch.int32)
+    values[:, : steps.numel()] = (points.view(torch.int32)[:, None] + steps).view(torch.float32)
+    x = values.reshape(C, N, H, W).transpose(0, 1)
+    x = x.contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    grad = torch.randn(C, M, dtype=torch.float64).float()
+    grad[:, : steps.numel()] = 1.0
+    grad = grad.reshape(C, N, H, W).transpose(0, 1).contiguous()
+    if training:
+        var, mean = torch.var_mean(values.double(), 1, unbiased=False)
+        running = (None, None)
+    else:
+        mean, var = torch.randn(C, dtype=torch.float64), torch.rand(C, dtype=torch.float64) + 0.5
+        running = (mean.float(), var.float())
+    invstd = (var + 1e-5).rsqrt()
+    weight = torch.rand(C, dtype=torch.float64) + 0.5
+    bias = -(points.double() - mean) * weight * invstd
+    slope = torch.rand(C, dtype=torch.float64) * 0.5 if activation == "prelu" else None
+    params = [t.float() if t is not None else None for t in (weight, bias, slope)]
+    y, dx, _, dbeta, *_ = fused_forward_backward(x, params, grad, training, "cpp", running)
+
+    def channel_rows(t):  # (C, M), each channel's elements in the order of `values`
+        return t.transpose(0, 1).reshape(C, M).double()
+
+    positive = channel_rows(y) > 0
+    assert positive[:, : steps.numel()].any(1).all() and (~positive[:, : steps.numel()]).any(1).all()
+    a = slope.float().double()[:, None] if slope is not None else 0.0
+    dz = channel_rows(grad) * torch.where(positive, 1.0, a)
+    xhat = (values.double() - mean[:, None]) * invstd[:, None]
+    expected_dx = dz
+    if training:
+        expected_dx = dz - dz.mean(1, keepdim=True) - xhat * (dz * xhat).mean(1, keepdim=True)
+    expected_dx = expected_dx * (weight * invstd)[:, None]
+    torch.testing.assert_close(channel_rows(dx), expected_dx, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dbeta.double(), dz.sum(1), rtol=1e-5, atol=1e-3)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
