@@ -194,8 +194,8 @@ inline constexpr size_t kBlockVectors = 2;
 // The blocks are 4 vectors on every capability: two lines of each fp32 input a row on AVX2, whose walk down the
 // rows waits on memory, not on registers. With AVX2's 2 vectors (one line) a step had half the loads in flight,
 // and PReLU's backward sums took 1.17-1.28x this time (AMD Zen 3, one thread, the four ResNet stages; median of 6
-// alternating pairs of processes), although 12 sums of 16 registers now leave the parameters to be re-read from
-// L1. (In 6 more pairs, at a time when every build ran about 1.6x faster, the two were within 0.94-1.08 of each
+// alternating pairs of processes), although 12 sums of 16 registers now leave the parameters on the stack.
+// (In 6 more pairs, at a time when every build ran about 1.6x faster, the two were within 0.94-1.08 of each
 // other.)
 inline constexpr size_t kReduceBlockVectors = 4;
 
@@ -427,6 +427,12 @@ void reduce_tile(const Geometry& geo, const Tile& tile, const std::array<const s
       constexpr size_t B = decltype(block)::value;
       std::array<std::array<Vec, K>, B> sum;
       static_for<B>([&](auto j) { sum[j].fill(Vec(T(0))); });
+      // The block's parameters loaded once for all its rows: where they and the sums outnumber the registers
+      // (PReLU's backward sums: 16 parameter vectors and 12 sums) the compiler keeps some on the stack, and
+      // that still took 0.86-0.97x the time of loading every row's from the table (the sums alone, four
+      // ResNet stages and 16x96x20x20, PReLU and ReLU, AVX-512 and AVX2, two threads, caches warm).
+      std::array<ParamVecs<T, NP>, B> P;
+      static_for<B>([&](auto j) { P[j] = load_params(params, c + j * V, n); });
       for (int64_t r = tile.n0; r < tile.n1; ++r) {  // each channel's rows in order, as in NCHW
         if (fetched < ahead) {  // every line of the step's share: B * V elements
           for (int64_t e = fetched; e < std::min(fetched + int64_t(B) * V, ahead); e += kLineElems) {
@@ -434,8 +440,8 @@ void reduce_tile(const Geometry& geo, const Tile& tile, const std::array<const s
           }
           fetched += int64_t(B) * V;
         }
-        static_for<B>([&](auto j) {  // parameters re-read from L1 where registers run out
-          const auto t = terms(load_params(params, c + j * V, n), r * C + c + j * V, n);
+        static_for<B>([&](auto j) {
+          const auto t = terms(P[j], r * C + c + j * V, n);
           for (size_t k = 0; k < K; ++k) sum[j][k] = sum[j][k] + t[k];
         });
       }
