@@ -7,10 +7,11 @@
 //             the batch statistics were used, B = -A * invstd * dgamma / M and D = -A * dbeta / M (else 0).
 // The passes compute z = x * scale + shift and dx = A * dz + B * x + E, with shift = beta - mean * scale and
 // E = D - B * mean rounded once per channel from fp64 (as ATen's CPU batch norm folds the mean into its shift): one
-// coefficient fewer per vector, and a fused multiply-add, bit for bit alike in every pass that tests z's sign. Where
-// |mean| >> std the folded constant's rounding adds an error of the order of the one mean's fp32 rounding already
-// makes (half an ulp of mean * scale); channels-last rows of more than 64 channels, whose passes re-read every
-// vector's coefficients from L1, took 0.72-0.95x the time (two threads, fp32, AVX-512, caches warm).
+// coefficient fewer per vector, and one multiply-add (fused where the capability has FMA), bit for bit alike in
+// every pass that tests z's sign. Where |mean| >> std the folded constant's rounding adds an error of the order of
+// the one that the mean's own fp32 rounding makes (half an ulp of mean * scale). Channels-last rows of more than 64
+// channels, whose passes re-read every vector's coefficients from L1, took 0.72-0.97x the time (two threads, fp32,
+// AVX-512, caches warm; NCHW 0.91-0.99x).
 // SyncBN runs the halves as separate ops: bn_stats (mean, var), bn_act_bwd_reduce (dbeta, dgamma, da) and
 // bn_act_bwd_elemt (dx with M and the sums taken over every rank).
 // Every pass walks the tiles of tiling.h; reductions write per-tile partials merged in a fixed order.
