@@ -9,7 +9,6 @@
 // elementwise op alone: frozen_input_grad). The backward ops have no derivative: their Python autograd
 // (fusedrect/ops) raises on a second-order gradient, so backward calls them below autograd unless it builds a
 // graph (create_graph=True).
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -18,6 +17,7 @@
 #include <tuple>
 
 #include "bn_act_args.h"
+#include "op_handles.h"
 
 namespace fusedrect {
 namespace {
@@ -26,32 +26,13 @@ using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<Tensor>;
-
-// The typed dispatcher handle of the op `name` ("fusedrect::<op>").
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
-using BnTrainSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&,
-                                                      const OptTensor&, double);
-using BnEvalSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
-                         const OptTensor&);
-using BnBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                            const Tensor&, const OptTensor&, const OptTensor&,
-                                                            const OptTensor&, bool);
-using BnElemtSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-                          const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, int64_t);
-using ConvTrainSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&,
-                                                        const OptTensor&, double, const Tensor&, const OptTensor&,
-                                                        c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef,
-                                                        int64_t);
-using ConvEvalSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
-                           const OptTensor&, const Tensor&, const OptTensor&, c10::IntArrayRef, c10::IntArrayRef,
-                           c10::IntArrayRef, int64_t);
-using ConvBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
-    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
-    const OptTensor&, const Tensor&, bool, c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef, int64_t, bool);
+using op_signatures::BnBwdSig;
+using op_signatures::BnElemtSig;
+using op_signatures::BnEvalSig;
+using op_signatures::BnTrainSig;
+using op_signatures::ConvBwdSig;
+using op_signatures::ConvEvalSig;
+using op_signatures::ConvTrainSig;
 
 // Where backward calls the backward ops: below autograd, unless a graph of the backward is being built.
 struct BackwardDispatch {

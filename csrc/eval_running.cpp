@@ -3,13 +3,13 @@
 // the eval op's autograd (autograd.cpp) applies. One Python call per eval layer instead of two (about 2 us of a
 // small layer's 12 on CPU; on a GPU one op's Python and dispatch).
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <utility>
 
 #include "bn_act_args.h"
+#include "op_handles.h"
 #include "running_stats.h"
 
 namespace fusedrect {
@@ -20,13 +20,8 @@ using OptTensor = std::optional<Tensor>;
 
 Tensor bn_act_fwd_eval_running(const Tensor& input, const Tensor& running_mean, const Tensor& running_var,
                                double eps, const OptTensor& weight, const OptTensor& bias, const OptTensor& slope) {
-  static const auto invstd_op = c10::Dispatcher::singleton()
-                                    .findSchemaOrThrow("fusedrect::bn_invstd", "")
-                                    .typed<Tensor(const Tensor&, double, at::ScalarType)>();
-  static const auto eval_op = c10::Dispatcher::singleton()
-                                  .findSchemaOrThrow("fusedrect::bn_act_fwd_eval", "")
-                                  .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-                                                const OptTensor&, const OptTensor&)>();
+  static const auto invstd_op = op<op_signatures::BnInvstdSig>("fusedrect::bn_invstd");
+  static const auto eval_op = op<op_signatures::BnEvalSig>("fusedrect::bn_act_fwd_eval");
   if (input.dim() >= 2) {  // else bn_act_fwd_eval names what is wrong with input
     const c10::SymInt C = input.sym_size(1);
     for (const auto& [t, name] : {std::pair{&running_mean, "running_mean"}, std::pair{&running_var, "running_var"}}) {
