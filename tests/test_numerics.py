@@ -34,9 +34,9 @@ def test_backward_follows_the_sign_of_the_output(layout, activation, training):
     """Backward recomputes z bit for bit as the forward computed it: where z is within a few ulps of 0, dx and
     dbeta follow the sign of y. Each channel holds 401 consecutive floats around a point at which its bias puts
     z = 0 (and random values); a mask differing from the forward's in one element would move its dx by
-    (1 - a) * A and dbeta by 1 - a. 80 channels: the channels-last rows wider than 64 channels walk their own
-    path, the last vector a partial one."""
-    N, C, H, W = 4, 80, 16, 16
+    (1 - a) * A and dbeta by 1 - a. 84 channels: channels-last rows of more than 64 channels walk their own path,
+    and a row's last vector overlaps the one before it (84 is no multiple of the vector width)."""
+    N, C, H, W = 4, 84, 16, 16
     M = N * H * W
     values = torch.randn(C, M, dtype=torch.float64).float()
     points = 0.5 + 0.1 * torch.arange(C, dtype=torch.float32)
