@@ -42,6 +42,12 @@ constexpr int64_t kMergeWork = 1 << 16;
 
 int64_t merge_grain(int64_t groups) { return std::max<int64_t>(1, kMergeWork / std::max<int64_t>(groups, 1)); }
 
+// a - b * c rounded once from fp64: the per-channel constants into which the mean is folded (shift, E).
+template <typename T>
+T fold(T a, T b, T c) {
+  return static_cast<T>(double(a) - double(b) * double(c));
+}
+
 // The per-channel coefficients every pass reads, one row of C values each, in the statistics dtype.
 enum Row : int64_t { kMean, kScale, kBeta, kShift, kSlope, kB, kD, kE, kInvScale, kInvSlope, kRows };
 
@@ -76,7 +82,7 @@ class ChannelTable {
       row(kMean)[c] = mu[c];
       row(kScale)[c] = (w ? w[c] : T(1)) * istd[c];
       row(kBeta)[c] = b ? b[c] : T(0);
-      row(kShift)[c] = static_cast<T>(double(row(kBeta)[c]) - double(mu[c]) * double(row(kScale)[c]));
+      row(kShift)[c] = fold(row(kBeta)[c], mu[c], row(kScale)[c]);
       row(kSlope)[c] = a ? a[shared ? 0 : c] : T(0);
       row(kInvScale)[c] = T(1) / row(kScale)[c];
       row(kInvSlope)[c] = a ? T(1) / row(kSlope)[c] : T(0);
@@ -506,8 +512,7 @@ bool dx_coefficients(ChannelTable<T>& table, int64_t begin, int64_t end, const T
     const T A = table.row(kScale)[c];
     table.row(kB)[c] = -A * istd[c] * sum_dz_xhat[c] * inv_count;
     table.row(kD)[c] = -A * sum_dz[c] * inv_count;
-    table.row(kE)[c] =
-        static_cast<T>(double(table.row(kD)[c]) - double(table.row(kB)[c]) * double(table.row(kMean)[c]));
+    table.row(kE)[c] = fold(table.row(kD)[c], table.row(kB)[c], table.row(kMean)[c]);
     nonzero = nonzero || table.row(kB)[c] != T(0) || table.row(kD)[c] != T(0);
   }
   return nonzero;
