@@ -103,6 +103,12 @@ class ChannelTable {
   T* base_;  // the first line in data_
 };
 
+// z = x * scale + shift, as every pass that tests z's sign computes it (bit for bit alike).
+template <typename Vec>
+inline Vec z_of(const Vec& x, const Vec& scale, const Vec& shift) {
+  return at::vec::fmadd(x, scale, shift);
+}
+
 template <typename Vec>
 inline Vec activate(const Vec& z, const Vec* slope) {
   // ReLU as IEEE maximum so NaN propagates (as torch.relu); PReLU as torch.prelu: z > 0 ? z : a * z.
@@ -129,7 +135,7 @@ inline std::pair<Vec, Vec> centred_and_z(const Params& P, const Vec& v) {
     const Vec z = prelu_scale(v, v, P[1]);
     return {(z - P[2]) * P[0], z};
   } else {
-    return {v - P[0], at::vec::fmadd(v, P[1], P[2])};
+    return {v - P[0], z_of(v, P[1], P[2])};
   }
 }
 
@@ -406,8 +412,7 @@ void forward_tile(const Geometry& geo, const Tile& tile, const scalar_t* x,
   params[1] = table.row(kShift);
   if constexpr (kPReLU) params[2] = table.row(kSlope);
   map_tile<scalar_t>(geo, tile, std::array<const scalar_t*, 1>{x}, params, y, [](const auto& P, const auto& X) {
-    const Vec z = at::vec::fmadd(X[0], P[0], P[1]);
-    return activate(z, kPReLU ? &P.back() : nullptr);
+    return activate(z_of(X[0], P[0], P[1]), kPReLU ? &P.back() : nullptr);
   });
 }
 
@@ -557,7 +562,7 @@ void grad_input_tile(const Geometry& geo, const Tile& tile, const scalar_t* x, c
                            return P[iA] * dz;
                          }
                        } else {
-                         const Vec dz = grad_z<kPReLU>(at::vec::fmadd(X[0], P[0], P[1]), X[1], slope);
+                         const Vec dz = grad_z<kPReLU>(z_of(X[0], P[0], P[1]), X[1], slope);
                          if constexpr (kBatchTerms) {
                            return at::vec::fmadd(P[iA], dz, at::vec::fmadd(P[iB], X[0], P[iB + 1]));
                          } else {
